@@ -1,0 +1,670 @@
+"""Typed run configuration: YAML files (with ``extends:``) + ``--set a.b=c``.
+
+Every stage of the data path reads its settings from one frozen ``Config``;
+this module also derives the DeepSpeed JSON from it and checks a user's
+``--ds-config`` against it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+import yaml
+
+from megalm.errors import ConfigError
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The Transformer's shape. ``arch`` picks the family: ``gpt`` (decoder) or ``bert`` (encoder)."""
+
+    arch: str = "gpt"
+    num_layers: int = 2
+    hidden_size: int = 128
+    num_heads: int = 4
+    num_kv_heads: Optional[int] = None  # grouped-query attention; None = num_heads
+    ffn_hidden_size: Optional[int] = None  # None = 4*hidden (gelu) or 8/3*hidden rounded to 64 (swiglu)
+    seq_length: int = 128
+    max_position_embeddings: Optional[int] = None  # None = seq_length
+    vocab_size: Optional[int] = None  # None = the tokenizer's
+    make_vocab_size_divisible_by: int = 128
+    position: str = "rope"  # learned | sinusoidal | rope
+    rope_base: float = 10000.0
+    norm: str = "rmsnorm"  # layernorm | rmsnorm
+    norm_eps: float = 1e-5
+    norm_position: str = "pre"  # pre | post (original BERT)
+    activation: str = "swiglu"  # gelu | swiglu
+    bias: bool = False
+    tie_embeddings: bool = True
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    init_std: float = 0.02
+    num_token_types: int = 0  # BERT: 2 (segment A/B)
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def ffn_size(self) -> int:
+        if self.ffn_hidden_size:
+            return self.ffn_hidden_size
+        if self.activation == "swiglu":
+            return 64 * ((8 * self.hidden_size // 3 + 63) // 64)
+        return 4 * self.hidden_size
+
+    @property
+    def max_positions(self) -> int:
+        return self.max_position_embeddings or self.seq_length
+
+
+@dataclass(frozen=True)
+class ObjectiveConfig:
+    """Which pretraining objective, and its options (each used by the objective that names it)."""
+
+    name: str = "clm"  # clm | mlm | plm | package.module:Class
+    # clm
+    reset_position_ids: bool = False
+    reset_attention_mask: bool = False
+    eod_mask_loss: bool = False
+    # mlm
+    mask_prob: float = 0.15
+    whole_word: bool = False
+    span_masking: bool = False
+    max_span_length: int = 3
+    binary_head: str = "sop"  # sop | nsp | none
+    # plm
+    plm_k: int = 6
+    plm_span_order: bool = False
+    # a user objective's own options
+    options: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    tensor: int = 1
+    pipeline: int = 1
+    sequence_parallel: bool = False
+    pipeline_partition: str = "uniform"  # uniform | parameters
+
+
+@dataclass(frozen=True)
+class ZeroConfig:
+    stage: int = 0
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    overlap_comm: bool = False
+    contiguous_gradients: bool = True
+    reduce_bucket_size: int = 50_000_000
+
+
+@dataclass(frozen=True)
+class LossScaleConfig:
+    """fp16 dynamic loss scaling (DeepSpeed's ``fp16`` section)."""
+
+    initial_scale_power: int = 16
+    loss_scale_window: int = 1000
+    hysteresis: int = 2
+    min_loss_scale: float = 1.0
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    prefix: Union[str, list, None] = None  # one prefix, or [w1, prefix1, w2, prefix2, ...]
+    tokenizer: Optional[str] = None  # SentencePiece .model
+    split: str = "969,30,1"
+    cache_dir: Optional[str] = None  # None = <prefix dir>/cache
+    num_workers: int = 0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    iters: int = 100
+    micro_batch_size: int = 4
+    global_batch_size: int = 8
+    seed: int = 1234
+    log_interval: int = 10
+    eval_interval: int = 100
+    eval_iters: int = 10
+    activation_checkpointing: str = "none"  # none | full | selective
+    exit_duration_minutes: Optional[float] = None
+    max_skipped_steps: int = 10
+    peak_tflops: Optional[float] = None  # per device, for MFU; None = guess from device
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    name: str = "adamw"
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    clip_grad: float = 1.0  # 0 = no clipping
+    schedule: str = "cosine"  # constant | linear | cosine | inverse_sqrt | wsd
+    warmup_iters: int = 0
+    decay_iters: Optional[int] = None  # None = train.iters
+    wsd_decay_fraction: float = 0.1
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    dir: Optional[str] = None  # None = run.dir/checkpoints
+    interval: int = 0  # 0 = no periodic saves (one is still written at the end)
+    keep: int = 2
+    keep_every: int = 0  # also keep every Nth step forever; 0 = off
+    resume: str = "auto"  # auto | none | <path to a checkpoint step dir>
+    save_at_end: bool = True
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    dir: str = "runs/default"
+    tensorboard: bool = True
+    log_level: str = "info"
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    zero: ZeroConfig = field(default_factory=ZeroConfig)
+    precision: str = "fp32"
+    loss_scale: LossScaleConfig = field(default_factory=LossScaleConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def replace(self, **sections: Any) -> "Config":
+        return dataclasses.replace(self, **sections)
+
+    @property
+    def checkpoint_dir(self) -> str:
+        return self.checkpoint.dir or os.path.join(self.run.dir, "checkpoints")
+
+    def data_parallel_size(self, world_size: int) -> int:
+        return world_size // (self.parallel.tensor * self.parallel.pipeline)
+
+    def grad_accum_steps(self, world_size: int) -> int:
+        dp = self.data_parallel_size(world_size)
+        return self.train.global_batch_size // (self.train.micro_batch_size * dp)
+
+
+CHOICES = {
+    "model.arch": ("gpt", "bert"),
+    "model.position": ("learned", "sinusoidal", "rope"),
+    "model.norm": ("layernorm", "rmsnorm"),
+    "model.norm_position": ("pre", "post"),
+    "model.activation": ("gelu", "swiglu"),
+    "objective.binary_head": ("sop", "nsp", "none"),
+    "parallel.pipeline_partition": ("uniform", "parameters"),
+    "precision": PRECISIONS,
+    "train.activation_checkpointing": ("none", "full", "selective"),
+    "optim.name": ("adamw",),
+    "optim.schedule": ("constant", "linear", "cosine", "inverse_sqrt", "wsd"),
+    "run.log_level": ("debug", "info", "warning", "error"),
+}
+
+
+# ---------------------------------------------------------------- building
+
+def _all_keys(cls: type = Config, prefix: str = "") -> list[str]:
+    keys = []
+    for f in dataclasses.fields(cls):
+        hint = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(hint):
+            keys += _all_keys(hint, prefix + f.name + ".")
+        else:
+            keys.append(prefix + f.name)
+    return keys
+
+
+def _unknown_key_error(key: str, valid: list[str], where: str) -> ConfigError:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    if not close:  # a right name in the wrong section: compare the last part only
+        leaf = key.rsplit(".", 1)[-1]
+        close = [k for k in valid if k.rsplit(".", 1)[-1] == leaf][:1]
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    return ConfigError(f"unknown config key '{key}'{where}{hint}")
+
+
+def _coerce(value: Any, hint: Any, key: str, where: str) -> Any:
+    """Check ``value`` against a field's type, allowing only lossless conversions."""
+    origin = typing.get_origin(hint)
+    if origin is Union:
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key, where)
+            except ConfigError as e:
+                errors.append(e)
+        names = " or ".join("null" if a is type(None) else getattr(a, "__name__", str(a)) for a in args)
+        raise ConfigError(f"config key '{key}'{where} must be {names}, got {value!r}")
+    expected = origin or hint
+    ok = False
+    if expected is bool:
+        ok = isinstance(value, bool)
+    elif expected is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif expected is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif expected is str:
+        ok = isinstance(value, str)
+    elif expected is list:
+        ok = isinstance(value, list)
+    elif expected is dict:
+        ok = isinstance(value, dict)
+    if not ok:
+        raise ConfigError(
+            f"config key '{key}'{where} must be {getattr(expected, '__name__', expected)}, "
+            f"got {type(value).__name__} {value!r}"
+        )
+    return value
+
+
+def _build(cls: type, raw: dict, prefix: str, where: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config section '{prefix.rstrip('.')}'{where} must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for name, value in raw.items():
+        key = prefix + str(name)
+        if name not in names:
+            raise _unknown_key_error(key, _all_keys(), where)
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value or {}, key + ".", where)
+        else:
+            value = _coerce(value, hint, key, where)
+            choices = CHOICES.get(key)
+            if choices and value not in choices:
+                raise ConfigError(f"config key '{key}'{where} must be one of {', '.join(choices)}; got {value!r}")
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "options":
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _read_yaml(path: str, seen: tuple = ()) -> dict:
+    path = os.path.abspath(path)
+    if path in seen:
+        raise ConfigError(f"config {path}: 'extends' forms a cycle through {', '.join(seen)}")
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config {path} is not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config {path} must be a YAML mapping at the top level")
+    parents = raw.pop("extends", None) or raw.pop("defaults", None) or []
+    if isinstance(parents, str):
+        parents = [parents]
+    merged: dict = {}
+    for parent in parents:
+        parent_path = os.path.join(os.path.dirname(path), parent)
+        merged = _deep_merge(merged, _read_yaml(parent_path, seen + (path,)))
+    return _deep_merge(merged, raw)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``a.b=c`` -> (['a', 'b'], typed c). Values are YAML: 3, 0.1, true, [1, 2], null."""
+    if "=" not in item:
+        raise ConfigError(f"--set expects key=value, got '{item}'")
+    key, text = item.split("=", 1)
+    key = key.strip()
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    return key.split("."), value
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    raw = dict(raw)
+    for item in overrides or []:
+        parts, value = parse_override(item)
+        node = raw
+        for p in parts[:-1]:
+            child = node.get(p)
+            child = dict(child) if isinstance(child, dict) else {}
+            node[p] = child
+            node = child
+        node[parts[-1]] = value
+    # rebuild nested copies so callers can't mutate the source
+    return json.loads(json.dumps(raw))
+
+
+def from_dict(raw: dict, where: str = "") -> Config:
+    cfg = _build(Config, raw, "", where)
+    cfg = _normalise(cfg)
+    validate(cfg)
+    return cfg
+
+
+def _normalise(cfg: Config) -> Config:
+    """Fill derived defaults that depend on other sections."""
+    model = cfg.model
+    if model.arch == "bert" and model.num_token_types == 0:
+        model = dataclasses.replace(model, num_token_types=2)
+    return dataclasses.replace(cfg, model=model)
+
+
+def load_raw(path: Optional[str], overrides: Optional[list[str]] = None) -> dict:
+    raw = _read_yaml(path) if path else {}
+    return apply_overrides(raw, overrides or [])
+
+
+def load(path: Optional[str], overrides: Optional[list[str]] = None) -> Config:
+    """Load a YAML config (following ``extends:``), apply ``--set`` overrides, validate."""
+    where = f" (in {path})" if path else ""
+    return from_dict(load_raw(path, overrides), where)
+
+
+# ---------------------------------------------------------------- validation
+
+def validate(cfg: Config, world_size: Optional[int] = None) -> None:
+    """Raise ConfigError for combinations that cannot run; world_size adds layout checks."""
+    m, p = cfg.model, cfg.parallel
+    positive = {
+        "model.num_layers": m.num_layers, "model.hidden_size": m.hidden_size,
+        "model.num_heads": m.num_heads, "model.seq_length": m.seq_length,
+        "parallel.tensor": p.tensor, "parallel.pipeline": p.pipeline,
+        "train.iters": cfg.train.iters, "train.micro_batch_size": cfg.train.micro_batch_size,
+        "train.global_batch_size": cfg.train.global_batch_size,
+        "train.log_interval": cfg.train.log_interval, "train.eval_interval": cfg.train.eval_interval,
+        "model.make_vocab_size_divisible_by": m.make_vocab_size_divisible_by,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{key} must be at least 1, got {value}")
+    if m.hidden_size % m.num_heads:
+        raise ConfigError(
+            f"model.hidden_size ({m.hidden_size}) must be divisible by model.num_heads ({m.num_heads})"
+        )
+    if m.num_heads % m.kv_heads:
+        raise ConfigError(f"model.num_heads ({m.num_heads}) must be divisible by model.num_kv_heads ({m.kv_heads})")
+    if m.num_heads % p.tensor:
+        raise ConfigError(
+            f"model.num_heads ({m.num_heads}) must be divisible by parallel.tensor ({p.tensor}): "
+            "each tensor-parallel rank holds whole attention heads"
+        )
+    if m.kv_heads % p.tensor:
+        raise ConfigError(f"model.num_kv_heads ({m.kv_heads}) must be divisible by parallel.tensor ({p.tensor})")
+    if m.ffn_size % p.tensor:
+        raise ConfigError(f"model.ffn_hidden_size ({m.ffn_size}) must be divisible by parallel.tensor ({p.tensor})")
+    if m.num_layers % p.pipeline:
+        raise ConfigError(
+            f"model.num_layers ({m.num_layers}) must be divisible by parallel.pipeline ({p.pipeline}) "
+            "so every pipeline stage holds the same number of blocks"
+        )
+    if p.sequence_parallel and m.seq_length % p.tensor:
+        raise ConfigError(f"model.seq_length ({m.seq_length}) must be divisible by parallel.tensor for sequence_parallel")
+    if m.position == "rope" and (m.hidden_size // m.num_heads) % 2:
+        raise ConfigError("model.position=rope needs an even head dimension (hidden_size / num_heads)")
+    if cfg.zero.stage not in (0, 1, 2, 3):
+        raise ConfigError(f"zero.stage must be 0, 1, 2 or 3, got {cfg.zero.stage}")
+    if cfg.zero.stage >= 2 and p.pipeline > 1:
+        raise ConfigError(
+            f"zero.stage={cfg.zero.stage} cannot be combined with parallel.pipeline={p.pipeline}: "
+            "DeepSpeed refuses ZeRO-2/3 with pipeline parallelism. Use zero.stage=1 (or 0)."
+        )
+    if (cfg.zero.offload_optimizer or cfg.zero.offload_params) and cfg.zero.stage == 0:
+        raise ConfigError("zero.offload_optimizer / zero.offload_params need zero.stage >= 1 (params: stage 3)")
+    if cfg.zero.offload_params and cfg.zero.stage != 3:
+        raise ConfigError("zero.offload_params needs zero.stage=3")
+    if cfg.train.global_batch_size % cfg.train.micro_batch_size:
+        raise ConfigError(
+            f"train.global_batch_size ({cfg.train.global_batch_size}) must be divisible by "
+            f"train.micro_batch_size ({cfg.train.micro_batch_size})"
+        )
+    for key, value in (("model.hidden_dropout", m.hidden_dropout), ("model.attention_dropout", m.attention_dropout),
+                       ("objective.mask_prob", cfg.objective.mask_prob)):
+        if not 0.0 <= value < 1.0:
+            raise ConfigError(f"{key} must be in [0, 1), got {value}")
+    if cfg.objective.plm_k < 1:
+        raise ConfigError(f"objective.plm_k must be at least 1, got {cfg.objective.plm_k}")
+    if m.arch == "bert" and m.position == "rope" and cfg.objective.name == "mlm":
+        pass  # allowed: a RoPE encoder is fine, it just has no HF BERT export
+    if world_size is not None:
+        validate_layout(cfg, world_size)
+
+
+def validate_layout(cfg: Config, world_size: int) -> None:
+    tp, pp = cfg.parallel.tensor, cfg.parallel.pipeline
+    if world_size % (tp * pp):
+        raise ConfigError(
+            f"world size {world_size} must be divisible by parallel.tensor x parallel.pipeline = {tp} x {pp} = {tp * pp}"
+        )
+    dp = world_size // (tp * pp)
+    mb, gb = cfg.train.micro_batch_size, cfg.train.global_batch_size
+    if gb % (mb * dp):
+        raise ConfigError(
+            f"train.global_batch_size ({gb}) must be divisible by train.micro_batch_size x data-parallel size "
+            f"= {mb} x {dp} = {mb * dp} (world {world_size} / tensor {tp} / pipeline {pp})"
+        )
+
+
+# ---------------------------------------------------------------- DeepSpeed
+
+def deepspeed_config(cfg: Config, world_size: int) -> dict:
+    """The DeepSpeed JSON that realises ``cfg`` on ``world_size`` ranks."""
+    validate_layout(cfg, world_size)
+    z = cfg.zero
+    zero: dict[str, Any] = {"stage": z.stage}
+    if z.stage > 0:
+        zero.update(overlap_comm=z.overlap_comm, contiguous_gradients=z.contiguous_gradients,
+                    reduce_bucket_size=z.reduce_bucket_size)
+    if z.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
+    if z.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": False}
+    ls = cfg.loss_scale
+    return {
+        "train_batch_size": cfg.train.global_batch_size,
+        "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
+        "gradient_accumulation_steps": cfg.grad_accum_steps(world_size),
+        "gradient_clipping": cfg.optim.clip_grad,
+        "zero_optimization": zero,
+        "bf16": {"enabled": cfg.precision == "bf16"},
+        "fp16": {
+            "enabled": cfg.precision == "fp16",
+            "loss_scale": 0,
+            "initial_scale_power": ls.initial_scale_power,
+            "loss_scale_window": ls.loss_scale_window,
+            "hysteresis": ls.hysteresis,
+            "min_loss_scale": ls.min_loss_scale,
+        },
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+# DeepSpeed JSON path -> megalm key, for folding a user's --ds-config into the config.
+_DS_TO_MEGALM = {
+    ("train_micro_batch_size_per_gpu",): "train.micro_batch_size",
+    ("train_batch_size",): "train.global_batch_size",
+    ("gradient_clipping",): "optim.clip_grad",
+    ("zero_optimization", "stage"): "zero.stage",
+    ("zero_optimization", "overlap_comm"): "zero.overlap_comm",
+    ("zero_optimization", "contiguous_gradients"): "zero.contiguous_gradients",
+    ("zero_optimization", "reduce_bucket_size"): "zero.reduce_bucket_size",
+    ("fp16", "initial_scale_power"): "loss_scale.initial_scale_power",
+    ("fp16", "loss_scale_window"): "loss_scale.loss_scale_window",
+    ("fp16", "hysteresis"): "loss_scale.hysteresis",
+    ("fp16", "min_loss_scale"): "loss_scale.min_loss_scale",
+}
+
+
+def _get_path(d: dict, path: tuple) -> Any:
+    for p in path:
+        if not isinstance(d, dict) or p not in d:
+            return None
+        d = d[p]
+    return d
+
+
+def _get_dotted(d: dict, key: str) -> Any:
+    return _get_path(d, tuple(key.split(".")))
+
+
+def read_ds_config(path: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"DeepSpeed config not found: {path}") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"DeepSpeed config {path} is not valid JSON: line {e.lineno}: {e.msg}") from None
+
+
+def fold_ds_config(raw: dict, ds: dict, ds_path: str) -> dict:
+    """Adopt the settings a ``--ds-config`` JSON makes, refusing any that the YAML/--set contradict.
+
+    ``raw`` is the merged YAML + overrides (only what the user wrote); keys the
+    user did not write are taken from the JSON; keys written in both must agree.
+    """
+    fp16 = bool(_get_path(ds, ("fp16", "enabled")))
+    bf16 = bool(_get_path(ds, ("bf16", "enabled")) or _get_path(ds, ("bfloat16", "enabled")))
+    if fp16 and bf16:
+        raise ConfigError(f"{ds_path}: fp16.enabled and bf16.enabled are both true; pick one precision")
+    adopted: dict[str, Any] = {}
+    if fp16 or bf16:
+        adopted["precision"] = "fp16" if fp16 else "bf16"
+    elif _get_path(ds, ("fp16", "enabled")) is False or _get_path(ds, ("bf16", "enabled")) is False:
+        adopted["precision"] = "fp32"
+    for path, key in _DS_TO_MEGALM.items():
+        value = _get_path(ds, path)
+        if value is not None and value != "auto":
+            adopted[key] = value
+    if _get_path(ds, ("zero_optimization", "offload_optimizer", "device")) == "cpu":
+        adopted["zero.offload_optimizer"] = True
+    if _get_path(ds, ("zero_optimization", "offload_param", "device")) == "cpu":
+        adopted["zero.offload_params"] = True
+    out = json.loads(json.dumps(raw))
+    for key, value in adopted.items():
+        mine = _get_dotted(raw, key)
+        if mine is not None and mine != value:
+            raise ConfigError(
+                f"{ds_path} sets {key.split('.')[-1]}={value!r} but the config sets {key}={mine!r}; "
+                f"make them agree, or drop one of the two"
+            )
+        node = out
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return out
+
+
+def check_ds_batch(cfg: Config, ds: dict, ds_path: str, world_size: int) -> None:
+    """gradient_accumulation_steps in a --ds-config must agree with the derived value."""
+    ga = ds.get("gradient_accumulation_steps")
+    if ga not in (None, "auto") and ga != cfg.grad_accum_steps(world_size):
+        raise ConfigError(
+            f"{ds_path} sets gradient_accumulation_steps={ga}, but train.global_batch_size / "
+            f"(micro_batch_size x data-parallel size) = {cfg.grad_accum_steps(world_size)} on {world_size} ranks"
+        )
+
+
+def merge_ds_config(derived: dict, ds: dict) -> dict:
+    """The JSON handed to DeepSpeed: the user's file with megalm's derived values filled in."""
+    out = json.loads(json.dumps(ds))
+    for k, v in derived.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = {**v, **{kk: vv for kk, vv in out[k].items() if vv != "auto"}}
+            for kk, vv in v.items():
+                if kk in ("stage", "enabled"):
+                    out[k][kk] = vv
+        elif out.get(k) in (None, "auto"):
+            out[k] = v
+    out["train_batch_size"] = derived["train_batch_size"]
+    out["train_micro_batch_size_per_gpu"] = derived["train_micro_batch_size_per_gpu"]
+    out["gradient_accumulation_steps"] = derived["gradient_accumulation_steps"]
+    out["gradient_clipping"] = derived["gradient_clipping"]
+    return out
+
+
+def resolve(
+    path: Optional[str],
+    overrides: Optional[list[str]] = None,
+    ds_config: Optional[str] = None,
+    world_size: Optional[int] = None,
+) -> tuple[Config, dict]:
+    """The whole resolution an entry point needs: (Config, DeepSpeed JSON)."""
+    raw = load_raw(path, overrides)
+    ds_user = read_ds_config(ds_config) if ds_config else {}
+    if ds_config:
+        raw = fold_ds_config(raw, ds_user, ds_config)
+    where = f" (in {path})" if path else ""
+    cfg = from_dict(raw, where)
+    ws = world_size or cfg.parallel.tensor * cfg.parallel.pipeline
+    validate(cfg, ws)
+    ds = deepspeed_config(cfg, ws)
+    if ds_config:
+        check_ds_batch(cfg, ds_user, ds_config, ws)
+        ds = merge_ds_config(ds, ds_user)
+    return cfg, ds
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def reference_table() -> str:
+    """Markdown table of every key, its type and default: the README's config reference."""
+    rows = ["| key | type | default |", "|---|---|---|"]
+
+    def walk(cls: type, prefix: str, inst: Any) -> None:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            hint = hints[f.name]
+            value = getattr(inst, f.name)
+            if dataclasses.is_dataclass(hint):
+                walk(hint, prefix + f.name + ".", value)
+                continue
+            t = str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")
+            key = prefix + f.name
+            choices = CHOICES.get(key)
+            t = " \\| ".join(choices) if choices else t
+            rows.append(f"| `{key}` | {t} | `{json.dumps(value)}` |")
+
+    walk(Config, "", Config())
+    return "\n".join(rows)

@@ -1,0 +1,41 @@
+"""``megalm config show``: print the fully resolved config and its DeepSpeed JSON."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Optional
+
+from megalm import config as C
+from megalm.errors import ConfigError
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="megalm config")
+    sub = parser.add_subparsers(dest="action", required=True)
+    show = sub.add_parser("show", help="print the resolved config and the DeepSpeed JSON")
+    show.add_argument("config", nargs="?", help="YAML config (default: built-in defaults)")
+    show.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE")
+    show.add_argument("--ds-config", help="a DeepSpeed JSON to fold in and check")
+    show.add_argument("--world-size", type=int, default=None,
+                      help="ranks to derive the DeepSpeed batch settings for (default: tensor x pipeline)")
+    sub.add_parser("reference", help="print the config reference as a Markdown table")
+    ns = parser.parse_args(argv)
+    if ns.action == "reference":
+        print(C.reference_table())
+        return 0
+    try:
+        cfg, ds = C.resolve(ns.config, ns.overrides, ns.ds_config, ns.world_size)
+    except ConfigError as e:
+        print(f"megalm config: error: {e}", file=sys.stderr)
+        return 2
+    print("# megalm config")
+    print(C.to_yaml(cfg))
+    print("# DeepSpeed config")
+    print(json.dumps(ds, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
