@@ -1,0 +1,1 @@
+"""Training under DeepSpeed: engine set-up, LR schedule, loop, metrics, checkpoints."""

@@ -1,0 +1,96 @@
+"""Build the DeepSpeed engine for a config: plain module (ZeRO 0-3) or PipelineModule (ZeRO 0-1).
+
+megalm owns tensor parallelism (parallel.state + the model's layers); DeepSpeed
+owns ZeRO, mixed precision, loss scaling, clipping, accumulation and the 1F1B
+pipeline schedule.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from megalm.config import Config
+from megalm.objectives.base import Objective
+from megalm.training.schedule import scheduler_factory
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Engine:
+    """The DeepSpeed engine plus what the loop needs to know about the layout."""
+
+    ds: Any  # deepspeed.DeepSpeedEngine or deepspeed.pipe.PipelineEngine
+    pipeline: bool
+    dp_rank: int
+    dp_size: int
+    is_last_stage: bool
+    is_first_stage: bool
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: no weight decay on biases, norms and other 1-D parameters."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def _optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
+    o = cfg.optim
+    return torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+
+
+def build_engine(cfg: Config, ds_config: dict, vocab_size: int, objective: Objective) -> Engine:
+    """Initialise TP/PP/DP groups, build the model (or its pipeline stages) and wrap it in DeepSpeed."""
+    import deepspeed
+    import torch.distributed as dist
+
+    from megalm.model import build_model, pipeline_layers
+    from megalm.parallel import state
+
+    tp, pp = cfg.parallel.tensor, cfg.parallel.pipeline
+    world = dist.get_world_size()
+    state.initialize(tp, pp)
+    # Same seed on every rank: the model builds full weights from it and takes its TP shard.
+    torch.manual_seed(cfg.train.seed)
+    total_iters = cfg.train.iters
+    if pp > 1:
+        from deepspeed.pipe import PipelineModule
+        from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+
+        topo = PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=world // (tp * pp))
+
+        def loss_fn(output, targets):
+            return objective.loss(output, targets)
+
+        module = PipelineModule(
+            layers=pipeline_layers(cfg, vocab_size, **objective.model_kwargs()),
+            num_stages=pp,
+            topology=topo,
+            loss_fn=loss_fn,
+            partition_method=cfg.parallel.pipeline_partition,
+            activation_checkpoint_interval=0,  # blocks checkpoint themselves (train.activation_checkpointing)
+        )
+        ds, *_ = deepspeed.initialize(
+            model=module, optimizer=_optimizer(cfg, module), lr_scheduler=scheduler_factory(cfg.optim, total_iters),
+            config=ds_config,
+        )
+        state.check_matches_grid(module._grid)
+        return Engine(ds=ds, pipeline=True, dp_rank=state.data_rank(), dp_size=state.data_size(),
+                      is_first_stage=ds.is_first_stage(), is_last_stage=ds.is_last_stage())
+
+    model = build_model(cfg, vocab_size, **objective.model_kwargs())
+    ds, *_ = deepspeed.initialize(
+        model=model, optimizer=_optimizer(cfg, model), lr_scheduler=scheduler_factory(cfg.optim, total_iters),
+        config=ds_config, mpu=state.mpu(),
+    )
+    return Engine(ds=ds, pipeline=False, dp_rank=state.data_rank(), dp_size=state.data_size(),
+                  is_first_stage=True, is_last_stage=True)
