@@ -215,7 +215,7 @@ def run(cfg: Config, engine: Engine, objective: Objective, train_batches: Iterat
                     logger.info(console_line(rec, t.iters, eta))
                 window_loss, window_steps, window_tokens = 0.0, 0, 0
             if valid_batches is not None and (step % t.eval_interval == 0 or step == t.iters) and t.eval_iters > 0:
-                eval_loss = evaluate(engine, objective, valid_batches, t.eval_iters, grad_accum, device)
+                eval_loss = evaluate(engine, objective, valid_batches(), t.eval_iters, grad_accum, device)
                 rec = {"step": step, "eval_loss": eval_loss, "eval_ppl": math.exp(min(eval_loss, 50.0))}
                 writer.write(rec)
                 if rank == 0:

@@ -1,0 +1,131 @@
+"""Pretraining entry point, the same under every launcher.
+
+    deepspeed --num_gpus N megalm/pretrain.py --config configs/X.yaml [--ds-config Y.json] [--set k=v ...]
+    torchrun --nproc_per_node N megalm/pretrain.py ...      srun / mpirun ... python megalm/pretrain.py ...
+    python megalm/pretrain.py ...                            (one process)
+
+Exit codes: 0 done; 75 preempted or out of time, checkpoint saved (requeue me);
+2 a user error (config, data, checkpoint) explained on stderr; 3 too many
+non-finite steps (diagnostic checkpoint saved).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+if __name__ == "__main__":  # run as a file: don't let megalm/ shadow top-level modules
+    _here = os.path.dirname(os.path.abspath(__file__))
+    sys.path = [p for p in sys.path if os.path.abspath(p or ".") != _here]
+    sys.path.insert(0, os.path.dirname(_here))
+
+import argparse  # noqa: E402
+import logging  # noqa: E402
+from typing import Optional  # noqa: E402
+
+
+def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="megalm/pretrain.py", description="Pretrain a model with megalm.")
+    p.add_argument("--config", help="YAML config (configs/*.yaml)")
+    p.add_argument("--ds-config", help="DeepSpeed JSON to fold in (checked against the YAML)")
+    p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                   help="config overrides, e.g. --set parallel.tensor=2 train.iters=10")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def _setup_logging(rank: int, level: str) -> None:
+    fmt = "%(asctime)s %(message)s" if rank == 0 else f"%(asctime)s [rank {rank}] %(levelname)s %(message)s"
+    logging.basicConfig(level=getattr(logging, level.upper()) if rank == 0 else logging.WARNING,
+                        format=fmt, datefmt="%H:%M:%S", force=True)
+    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _set_threads() -> None:
+    """The deepspeed launcher sets no OMP_NUM_THREADS: N ranks on few cores would oversubscribe them."""
+    import torch
+
+    if "OMP_NUM_THREADS" in os.environ or torch.cuda.is_available():
+        return
+    local = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("SLURM_NTASKS_PER_NODE", "0").split("(")[0]
+                or os.environ.get("WORLD_SIZE", "1"))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local, 1)))
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if _has_cuda() else "cpu")
+    from megalm import distributed
+    from megalm.errors import MegalmError
+
+    info = distributed.init()
+    rank, world = info["rank"], info["world_size"]
+    _setup_logging(rank, "info")
+    _set_threads()
+    log = logging.getLogger("megalm")
+    try:
+        code = _run(args, rank, world, info)
+    except MegalmError as e:
+        print(f"megalm: error: {e}" if rank == 0 else f"[rank {rank}] megalm: error: {e}", file=sys.stderr)
+        distributed.shutdown(barrier=False)
+        return 3 if "non-finite" in str(e) else 2
+    except BaseException:
+        log.exception("training failed")
+        distributed.shutdown(barrier=False)
+        raise
+    distributed.shutdown()
+    return code
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _run(args: argparse.Namespace, rank: int, world: int, info: dict) -> int:
+    import dataclasses
+
+    import torch
+
+    from megalm import config as C
+    from megalm.data.tokenizer import Tokenizer
+    from megalm.distributed import device
+    from megalm.errors import ConfigError
+    from megalm.objectives import build_objective
+    from megalm.training.checkpoint import Checkpointer
+    from megalm.training.data import build_iterators
+    from megalm.training.engine import build_engine
+    from megalm.training.loop import run
+
+    cfg, ds_config = C.resolve(args.config, args.overrides, args.ds_config, world)
+    _setup_logging(rank, cfg.run.log_level)
+    log = logging.getLogger("megalm")
+    if cfg.precision == "fp16" and not torch.cuda.is_available():
+        raise ConfigError("precision=fp16 needs a CUDA GPU (DeepSpeed refuses fp16 on CPU); use bf16 or fp32")
+    if not cfg.data.tokenizer:
+        raise ConfigError("data.tokenizer is not set: give the SentencePiece .model path")
+    tokenizer = Tokenizer(cfg.data.tokenizer)
+    vocab = cfg.model.vocab_size or tokenizer.vocab_size
+    if vocab < tokenizer.vocab_size:
+        raise ConfigError(f"model.vocab_size ({vocab}) is smaller than the tokenizer's ({tokenizer.vocab_size})")
+    cfg = cfg.replace(model=dataclasses.replace(cfg.model, vocab_size=vocab))
+    if rank == 0:
+        os.makedirs(cfg.run.dir, exist_ok=True)
+        with open(os.path.join(cfg.run.dir, "config.yaml"), "w") as f:
+            f.write(C.to_yaml(cfg))
+        log.info(f"megalm: {world} rank(s) via {info['launcher']} ({info['backend']}); tensor={cfg.parallel.tensor} "
+                 f"pipeline={cfg.parallel.pipeline} data={cfg.data_parallel_size(world)} zero={cfg.zero.stage} "
+                 f"precision={cfg.precision}; run dir {cfg.run.dir}")
+    objective = build_objective(cfg, tokenizer)
+    engine = build_engine(cfg, ds_config, vocab, objective)
+    checkpointer = Checkpointer(cfg, engine, rank, world, tokenizer_path=cfg.data.tokenizer)
+    start_step, consumed = checkpointer.load()
+    train_batches, valid_batches = build_iterators(cfg, tokenizer, objective, consumed, engine.dp_rank, engine.dp_size)
+    return run(cfg, engine, objective, train_batches, valid_batches, checkpointer, start_step, consumed,
+               device(), world, rank)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

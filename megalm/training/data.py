@@ -1,0 +1,69 @@
+"""From datasets to batch iterators: resumable sampling per data-parallel rank, objective collation.
+
+Randomness in collation (masking, permutations) is seeded by (train.seed, the
+batch's first sample index), so a resumed run draws exactly what the
+uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+
+from megalm.config import Config
+from megalm.objectives.base import Objective
+
+
+class _Indexed(torch.utils.data.Dataset):
+    """Yields (index, sample) so collation can seed its RNG from the sample index."""
+
+    def __init__(self, dataset: Any):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        return i, self.dataset[i]
+
+
+class _Collate:
+    def __init__(self, objective: Objective, seed: int):
+        self.objective, self.seed = objective, seed
+
+    def __call__(self, items: list) -> dict:
+        rng = np.random.default_rng([self.seed, int(items[0][0])])
+        return self.objective.collate([s for _, s in items], rng)
+
+
+def _loader(cfg: Config, dataset: Any, objective: Objective, consumed: int, dp_rank: int, dp_size: int,
+            seed_offset: int = 0) -> Iterator[dict]:
+    from megalm.data.sampler import PretrainingSampler
+
+    sampler = PretrainingSampler(total_samples=len(dataset), consumed_samples=consumed,
+                                 micro_batch_size=cfg.train.micro_batch_size, dp_rank=dp_rank, dp_size=dp_size)
+    return iter(torch.utils.data.DataLoader(
+        _Indexed(dataset), batch_sampler=sampler, collate_fn=_Collate(objective, cfg.train.seed + seed_offset),
+        num_workers=cfg.data.num_workers, persistent_workers=cfg.data.num_workers > 0,
+    ))
+
+
+def build_iterators(cfg: Config, tokenizer: Any, objective: Objective, consumed: int, dp_rank: int,
+                    dp_size: int) -> tuple[Iterator[dict], Callable[[], Iterator[dict]] | None]:
+    """(train batches from ``consumed`` on, a factory of fresh validation iterators or None)."""
+    from megalm.data.build import build_datasets
+
+    gb = cfg.train.global_batch_size
+    wanted = {"train": cfg.train.iters * gb, "valid": max(cfg.train.eval_iters, 1) * gb, "test": 0}
+    datasets = build_datasets(cfg, tokenizer, wanted, kind=objective.dataset_kind)
+    train = _loader(cfg, datasets["train"], objective, consumed, dp_rank, dp_size)
+    valid_ds = datasets.get("valid")
+    if valid_ds is None or len(valid_ds) < gb or cfg.train.eval_iters == 0:
+        return train, None
+
+    def valid() -> Iterator[dict]:  # the same validation batches at every evaluation
+        return _loader(cfg, valid_ds, objective, 0, dp_rank, dp_size, seed_offset=1)
+
+    return train, valid
