@@ -1,0 +1,147 @@
+# shellcheck shell=bash
+# Sourced by launch/pretrain_*.sh inside a Slurm batch job: environment, rendezvous, one rank per
+# task with srun, and the preemption flow (USR1 -> checkpoint -> exit 75 -> scontrol requeue -> resume).
+#
+# Knobs (environment variables; every one has a default, docs/cluster.md explains them):
+#   MEGALM_ROOT          repository checkout on a shared filesystem   [$SLURM_SUBMIT_DIR]
+#   MEGALM_CONFIG        model/run config (relative to MEGALM_ROOT)   [set by the calling script]
+#   MEGALM_DS_CONFIG     optional DeepSpeed JSON passed as --ds-config [none: derived from the config]
+#   MEGALM_PYTHON        interpreter on the compute nodes             [python3]
+#   MEGALM_ENTRY         training entry point (relative to MEGALM_ROOT) [megalm/pretrain.py]
+#   MEGALM_SETUP         a file sourced first (module load, venv activate, site NCCL settings) [none]
+#   MEGALM_CONTAINER     command prefix per task, e.g. "apptainer exec --nv megalm.sif" [none]
+#   MEGALM_SRUN_ARGS     extra srun arguments, e.g. "--container-image=megalm.sqsh" (pyxis/enroot) [none]
+#   MEGALM_MASTER_PORT   rendezvous port                              [derived from the job id]
+#   MEGALM_MAX_REQUEUES  give up requeueing after this many restarts  [50]
+#   MEGALM_SRUN_WAIT     seconds srun lets other ranks run after one has exited (then kills them) [300]
+#   MEGALM_ARGS          extra arguments for the entry point, before the script's own arguments [none]
+# Script arguments go to the entry point as well, e.g. `sbatch launch/pretrain_gpt_1b.sh --set train.iters=10`.
+
+MEGALM_EXIT_PREEMPTED=75 # EX_TEMPFAIL: the entry point checkpointed on USR1/TERM and asks to be requeued
+
+megalm_log() {
+  printf '[megalm-launch %s job %s] %s\n' "$(date +%H:%M:%S)" "${SLURM_JOB_ID:-?}" "$*"
+}
+
+megalm_die() {
+  megalm_log "error: $*" >&2
+  exit 2
+}
+
+# Resolve a path relative to MEGALM_ROOT unless it is absolute.
+megalm_path() {
+  case "$1" in
+    /*) printf '%s\n' "$1" ;;
+    *) printf '%s\n' "$MEGALM_ROOT/$1" ;;
+  esac
+}
+
+megalm_environment() {
+  [ -n "${SLURM_JOB_ID:-}" ] || megalm_die "not inside a Slurm job: submit with sbatch"
+  if [ -n "${MEGALM_SETUP:-}" ]; then
+    [ -f "$MEGALM_SETUP" ] || megalm_die "MEGALM_SETUP=$MEGALM_SETUP does not exist"
+    # shellcheck disable=SC1090  # a site file, chosen at submit time
+    . "$MEGALM_SETUP"
+  fi
+  : "${MEGALM_PYTHON:=python3}"
+  : "${MEGALM_ENTRY:=megalm/pretrain.py}"
+  : "${MEGALM_MAX_REQUEUES:=50}"
+  : "${MEGALM_SRUN_WAIT:=300}"
+  MEGALM_CONFIG_PATH=$(megalm_path "$MEGALM_CONFIG")
+  [ -f "$MEGALM_CONFIG_PATH" ] || megalm_die "config $MEGALM_CONFIG_PATH not found (set MEGALM_ROOT or MEGALM_CONFIG)"
+
+  # Rendezvous: the first node of the allocation, a port from the job id. The restart count moves the
+  # port on a requeue so a rerun on the same node never meets the previous run's socket in TIME_WAIT.
+  MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+  [ -n "$MASTER_ADDR" ] || megalm_die "could not read the first host of SLURM_JOB_NODELIST=$SLURM_JOB_NODELIST"
+  MASTER_PORT=${MEGALM_MASTER_PORT:-$((20000 + (SLURM_JOB_ID % 4000) * 10 + ${SLURM_RESTART_COUNT:-0} % 10))}
+  export MASTER_ADDR MASTER_PORT
+
+  # One math thread per CPU Slurm gave the task: N ranks on a node must not fight over all cores.
+  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
+  # NCCL: surface errors instead of hanging, keep logs short; site fabric settings (NCCL_SOCKET_IFNAME,
+  # NCCL_IB_HCA, ...) pass through from the environment or MEGALM_SETUP untouched.
+  export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
+  export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
+  # Tensor-parallel comm/compute overlap relies on kernels being issued in order.
+  export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}
+  export PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1
+  # The CPU comm op DeepSpeed JIT-builds is cached per job rather than in $HOME.
+  export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-${TMPDIR:-/tmp}/megalm-torch-extensions}
+}
+
+MEGALM_SRUN_PID=""
+MEGALM_PREEMPTED=0
+
+# USR1 (Slurm's warning before the time limit, or `scancel --signal=USR1 --batch`) and TERM reach
+# only this batch shell; pass USR1 on to every rank through srun, which forwards it to its tasks.
+megalm_on_signal() {
+  MEGALM_PREEMPTED=1
+  megalm_log "got $1: asking all ranks to checkpoint and exit"
+  if [ -n "$MEGALM_SRUN_PID" ]; then
+    kill -USR1 "$MEGALM_SRUN_PID" 2>/dev/null || true
+  fi
+}
+
+megalm_srun() {
+  local -a srun_args=() container=() extra=()
+  read -r -a srun_args <<<"${MEGALM_SRUN_ARGS:-}"
+  read -r -a container <<<"${MEGALM_CONTAINER:-}"
+  read -r -a extra <<<"${MEGALM_ARGS:-}"
+  local -a cmd=("$MEGALM_PYTHON" "$(megalm_path "$MEGALM_ENTRY")" --config "$MEGALM_CONFIG_PATH")
+  if [ -n "${MEGALM_DS_CONFIG:-}" ]; then
+    cmd+=(--ds-config "$(megalm_path "$MEGALM_DS_CONFIG")")
+  fi
+  cmd+=("${extra[@]}" "$@")
+  if [ -n "${SLURM_CPUS_PER_TASK:-}" ]; then # srun >= 22.05 no longer inherits it from sbatch
+    srun_args+=(--cpus-per-task="$SLURM_CPUS_PER_TASK")
+  fi
+
+  megalm_log "nodes $SLURM_JOB_NODELIST, $SLURM_NTASKS ranks, master $MASTER_ADDR:$MASTER_PORT," \
+    "restart ${SLURM_RESTART_COUNT:-0}"
+  megalm_log "running: ${container[*]} ${cmd[*]}"
+  trap 'megalm_on_signal USR1' USR1
+  trap 'megalm_on_signal TERM' TERM
+  # Each task maps Slurm's ids to the torch.distributed names too, so any env:// program works.
+  # --kill-on-bad-exit=0 + --wait: a rank that exits 75 after its checkpoint must not kill ranks still
+  # writing theirs; a crashed rank still brings the step down after MEGALM_SRUN_WAIT seconds.
+  # shellcheck disable=SC2016  # expanded by each task's bash, not here
+  srun --kill-on-bad-exit=0 --wait="$MEGALM_SRUN_WAIT" "${srun_args[@]}" \
+    bash -c 'export RANK=$SLURM_PROCID WORLD_SIZE=$SLURM_NTASKS LOCAL_RANK=$SLURM_LOCALID; exec "$@"' \
+    megalm-task "${container[@]}" "${cmd[@]}" &
+  MEGALM_SRUN_PID=$!
+  local rc=0
+  # `wait` returns early (>128) whenever a trapped signal arrives; keep waiting until srun is gone.
+  while :; do
+    rc=0
+    wait "$MEGALM_SRUN_PID" || rc=$?
+    if ! kill -0 "$MEGALM_SRUN_PID" 2>/dev/null; then
+      break
+    fi
+  done
+  trap - USR1 TERM
+  MEGALM_SRUN_PID=""
+  return "$rc"
+}
+
+# Run the job; on exit code 75 requeue it (the rerun resumes from run.dir/checkpoints).
+megalm_slurm_main() {
+  megalm_environment
+  local rc=0
+  megalm_srun "$@" || rc=$?
+  if [ "$rc" -eq "$MEGALM_EXIT_PREEMPTED" ]; then
+    local restarts=${SLURM_RESTART_COUNT:-0}
+    if [ "$restarts" -ge "$MEGALM_MAX_REQUEUES" ]; then
+      megalm_log "preempted, but already restarted $restarts times (MEGALM_MAX_REQUEUES): not requeueing"
+      exit "$rc"
+    fi
+    megalm_log "ranks checkpointed and exited $rc: requeueing (restart $((restarts + 1)))"
+    scontrol requeue "$SLURM_JOB_ID" || megalm_die "scontrol requeue $SLURM_JOB_ID failed"
+    exit 0
+  fi
+  if [ "$MEGALM_PREEMPTED" -eq 1 ] && [ "$rc" -eq 0 ]; then
+    megalm_log "signalled, but training had already finished"
+  fi
+  megalm_log "training exited with $rc"
+  exit "$rc"
+}

@@ -1,0 +1,62 @@
+"""Submitting a launch script to the test cluster and waiting for it: small helpers for test_slurm.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+
+from tests.launch.slurm_cluster import SlurmCluster
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# The CPU overrides of the GPU header: one task per fake node (the 8 fake GPUs stay requested).
+CPU_SBATCH_ARGS = ("--ntasks-per-node=1",)
+
+
+def submit(cluster: SlurmCluster, script: str, workdir: str, env: dict, args: list[str]) -> str:
+    """sbatch ``launch/<script>`` from ``workdir`` with ``env`` on top of the cluster's; return the job id."""
+    full_env = dict(cluster.env, **env)
+    out = subprocess.run(
+        ["sbatch", "--parsable", *CPU_SBATCH_ARGS, f"--output={workdir}/%x-%j.out",
+         os.path.join(REPO, "launch", script), *args],
+        cwd=workdir, env=full_env, capture_output=True, text=True, timeout=30,
+    )
+    if out.returncode != 0:
+        raise AssertionError(f"sbatch failed: {out.stderr}")
+    return out.stdout.strip().split(";")[0]
+
+
+def job_log(workdir: str, job_id: str) -> str:
+    for name in os.listdir(workdir):
+        if name.endswith(f"-{job_id}.out"):
+            with open(os.path.join(workdir, name), errors="replace") as f:
+                return f.read()
+    return "(no job output file)"
+
+
+def wait_for(cluster: SlurmCluster, job_id: str, states: tuple, timeout: float, workdir: str) -> dict:
+    """Poll until the job is in one of ``states``; a requeued job is told to start now (not in 120 s)."""
+    deadline = time.monotonic() + timeout
+    info: dict = {}
+    while time.monotonic() < deadline:
+        info = cluster.job_state(job_id)
+        state = info.get("JobState")
+        if state in states:
+            return info
+        if state in ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL"):
+            break
+        if state == "PENDING" and info.get("Reason") == "BeginTime":
+            cluster.run("scontrol", "update", f"JobId={job_id}", "StartTime=now", check=False)
+        time.sleep(0.5)
+    raise AssertionError(f"job {job_id} reached {info.get('JobState')} (wanted {states}) "
+                         f"{info.get('ExitCode')}; log:\n{job_log(workdir, job_id)}")
+
+
+def read_metrics(run_dir: str) -> list[dict]:
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
