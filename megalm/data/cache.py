@@ -1,0 +1,122 @@
+"""Index caches (.npy): built once, written atomically, memory-mapped by every rank.
+
+With torch.distributed up, global rank 0 builds first; ranks that still miss
+the files afterwards (a node without the shared filesystem) build their own
+copy, one writer per node; a rank that can't see any copy builds in memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import sys
+import uuid
+from typing import Callable, Optional
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+def description_hash(description: dict) -> tuple[str, str]:
+    text = json.dumps(description, indent=4, sort_keys=False, default=str)
+    return text, hashlib.md5(text.encode("utf-8")).hexdigest()
+
+
+def save_atomic(path: str, array: np.ndarray) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}.{uuid.uuid4().hex[:8]}.npy"
+    try:
+        np.save(tmp, array, allow_pickle=False)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _dist():
+    """torch.distributed when a process group is up, else None (never imports torch itself)."""
+    d = sys.modules.get("torch.distributed")
+    if d is not None and d.is_available() and d.is_initialized():
+        return d
+    return None
+
+
+def _load(paths: dict[str, str]) -> Optional[dict[str, np.ndarray]]:
+    if not all(os.path.isfile(p) for p in paths.values()):
+        return None
+    try:
+        return {k: np.load(p, mmap_mode="r", allow_pickle=False) for k, p in paths.items()}
+    except (ValueError, OSError) as e:  # a torn or foreign file: rebuild rather than fail
+        log.warning("index cache %s unreadable (%s); rebuilding", next(iter(paths.values())), e)
+        return None
+
+
+def cached_arrays(
+    cache_dir: Optional[str],
+    base: str,
+    description: dict,
+    build: Callable[[], dict[str, np.ndarray]],
+) -> dict[str, np.ndarray]:
+    """Arrays named by ``build()``'s keys, cached as ``{cache_dir}/{md5}-{base}-{key}.npy``.
+
+    ``description`` identifies the build (its md5 names the files); every rank
+    must call this collectively when torch.distributed is initialised.
+    """
+    text, md5 = description_hash(description)
+    if not cache_dir:
+        return build()
+    os.makedirs(cache_dir, exist_ok=True)
+    stem = os.path.join(cache_dir, f"{md5}-{base}")
+    desc_path = f"{stem}-description.txt"
+
+    def paths_for(keys) -> dict[str, str]:
+        return {k: f"{stem}-{k}.npy" for k in keys}
+
+    def keys_on_disk() -> Optional[list[str]]:
+        if not os.path.isfile(desc_path):
+            return None
+        try:
+            with open(desc_path) as f:
+                first = f.readline()
+            return json.loads(first)["arrays"]
+        except (ValueError, KeyError, OSError):
+            return None
+
+    def try_load() -> Optional[dict[str, np.ndarray]]:
+        keys = keys_on_disk()
+        return _load(paths_for(keys)) if keys else None
+
+    def build_and_save() -> dict[str, np.ndarray]:
+        arrays = build()
+        for k, p in paths_for(arrays).items():
+            save_atomic(p, arrays[k])
+        # the description goes last: its presence means every array is complete
+        write_text_atomic(desc_path, json.dumps({"arrays": list(arrays)}) + "\n" + text + "\n")
+        log.info("built index cache %s-* (%s)", stem, ", ".join(arrays))
+        return arrays
+
+    dist = _dist()
+    if dist is None:
+        return try_load() or build_and_save()
+    rank = dist.get_rank()
+    if rank == 0 and try_load() is None:
+        build_and_save()
+    dist.barrier()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if rank != 0 and local_rank == 0 and try_load() is None:
+        build_and_save()  # this node does not share rank 0's filesystem
+    dist.barrier()
+    arrays = try_load()
+    if arrays is None:
+        log.warning("index cache %s not visible on rank %d; building in memory", stem, rank)
+        arrays = build()
+    return arrays
