@@ -1,0 +1,35 @@
+"""Position information: learned absolute, sinusoidal (Vaswani) and rotary (RoPE, rotate-half layout).
+
+RoPE follows the GPT-NeoX / HF Llama layout (first half, second half of each
+head), so converted weights need no permutation.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def sinusoidal_table(positions: int, dim: int) -> torch.Tensor:
+    pos = torch.arange(positions, dtype=torch.float32).unsqueeze(1)
+    div = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    table = torch.zeros(positions, dim)
+    table[:, 0::2] = torch.sin(pos * div)
+    table[:, 1::2] = torch.cos(pos * div)[:, : dim // 2]
+    return table
+
+
+def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, base: float, dtype: torch.dtype) -> tuple:
+    """cos, sin of shape [b, 1, s, head_dim] for ``apply_rope`` (fp32 angles, cast to ``dtype``)."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    freqs = position_ids.float().unsqueeze(-1) * inv_freq.to(position_ids.device)
+    emb = torch.cat((freqs, freqs), dim=-1).unsqueeze(1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [b, heads, s, d]."""
+    half = x.size(-1) // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin

@@ -1,0 +1,124 @@
+"""Tensor-parallel-aware RNG: dropout identical where activations are replicated, distinct where split.
+
+The default generator is seeded the same on every TP rank (replicated regions);
+the tracker holds a second state, seeded per TP rank, forked for dropout on
+split activations (attention heads, sequence-parallel chunks). ``checkpoint``
+recomputes a function with both states rewound, so dropout masks reproduce.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.utils.checkpoint
+
+from megalm.parallel import state
+
+MODEL_PARALLEL_RNG = "model-parallel-rng"
+_TP_SEED_OFFSET = 2718
+
+
+def _device_state(device: str) -> torch.Tensor:
+    return torch.cuda.get_rng_state() if device == "cuda" else torch.get_rng_state()
+
+
+def _set_device_state(device: str, s: torch.Tensor) -> None:
+    if device == "cuda":
+        torch.cuda.set_rng_state(s)
+    else:
+        torch.set_rng_state(s)
+
+
+def _device() -> str:
+    return "cuda" if torch.cuda.is_available() and torch.cuda.is_initialized() else "cpu"
+
+
+class RNGStatesTracker:
+    """Named generator states swapped into the default generator inside ``fork``."""
+
+    def __init__(self) -> None:
+        self.states: dict[str, torch.Tensor] = {}
+
+    def reset(self) -> None:
+        self.states = {}
+
+    def add(self, name: str, seed: int) -> None:
+        if name in self.states:
+            raise ValueError(f"RNG state {name!r} already exists")
+        dev = _device()
+        saved = _device_state(dev)
+        torch.manual_seed(seed)
+        self.states[name] = _device_state(dev)
+        _set_device_state(dev, saved)
+
+    def get_states(self) -> dict[str, torch.Tensor]:
+        return {k: v.clone() for k, v in self.states.items()}
+
+    def set_states(self, states: dict[str, torch.Tensor]) -> None:
+        self.states = {k: v.clone() for k, v in states.items()}
+
+    @contextlib.contextmanager
+    def fork(self, name: str = MODEL_PARALLEL_RNG) -> Iterator[None]:
+        if name not in self.states:  # not seeded: behave like one rank, use the default stream
+            yield
+            return
+        dev = _device()
+        saved = _device_state(dev)
+        _set_device_state(dev, self.states[name])
+        try:
+            yield
+        finally:
+            self.states[name] = _device_state(dev)
+            _set_device_state(dev, saved)
+
+
+_TRACKER = RNGStatesTracker()
+
+
+def get_tracker() -> RNGStatesTracker:
+    return _TRACKER
+
+
+def model_parallel_seed(seed: int) -> None:
+    """Seed the default generator (same on all TP ranks) and the per-TP-rank tracked state."""
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed(seed)
+    _TRACKER.reset()
+    _TRACKER.add(MODEL_PARALLEL_RNG, seed + _TP_SEED_OFFSET + state.tensor_rank())
+
+
+def _capture() -> tuple:
+    dev = _device()
+    return dev, _device_state(dev), _TRACKER.get_states()
+
+
+def _restore(snap: tuple) -> None:
+    dev, s, tracked = snap
+    _set_device_state(dev, s)
+    _TRACKER.set_states(tracked)
+
+
+def checkpoint(fn: Callable, *args: Any) -> Any:
+    """Activation checkpointing that rewinds the default *and* tracked RNG states on recompute.
+
+    Non-reentrant, so inputs that need no grad (ids, masks) are fine.
+    """
+    if not torch.is_grad_enabled():
+        return fn(*args)
+    snaps: list = []
+
+    def run(*a: Any) -> Any:
+        if not snaps:  # the first (forward) pass: remember where the streams stood
+            snaps.append(_capture())
+            return fn(*a)
+        now = _capture()
+        _restore(snaps[0])
+        try:
+            return fn(*a)
+        finally:
+            _restore(now)
+
+    return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False, preserve_rng_state=False)
