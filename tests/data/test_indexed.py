@@ -192,3 +192,27 @@ def test_empty_dataset(tmp_path):
     write_dataset(str(tmp_path / "e"), [])
     ds = IndexedDataset(str(tmp_path / "e"))
     assert len(ds) == 0 and ds.num_documents == 0
+
+
+def test_merge_tool_matches_single_preprocess(tmp_path, corpus_path, corpus_texts, tokenizer):
+    """Shards preprocessed separately and merged == one run over the concatenated input."""
+    import json
+
+    from megalm.data.merge import main as merge_main
+    from megalm.data.preprocess import Options, preprocess
+
+    parts = [corpus_texts[:40], corpus_texts[40:]]
+    for i, texts in enumerate(parts):
+        p = tmp_path / f"in{i}.jsonl"
+        p.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+        preprocess([str(p)], str(tmp_path / f"shard{i}"), tokenizer.model_path, Options(append_eod=True),
+                   workers=0, progress=False)
+    preprocess([corpus_path], str(tmp_path / "whole"), tokenizer.model_path, Options(append_eod=True),
+               workers=0, progress=False)
+    assert merge_main(["--input", str(tmp_path / "shard*_text_document.idx"),
+                       "--output-prefix", str(tmp_path / "merged")]) == 0
+    for ext in (".bin", ".idx"):
+        assert (open(tmp_path / f"merged{ext}", "rb").read()
+                == open(tmp_path / f"whole_text_document{ext}", "rb").read())
+    with pytest.raises(DataError, match="no .bin/.idx"):
+        merge_main(["--input", str(tmp_path / "nothing*"), "--output-prefix", str(tmp_path / "m2")])
