@@ -125,3 +125,18 @@ def test_distributed_shared_and_separate_filesystems(tmp_path):
     dirs = [str(tmp_path / "node0"), str(tmp_path / "node1")]
     (s0, g0), (s1, g1) = run_ranks(_distributed_build, 2, prefix, dirs)
     assert s0 == s1 == r0 and g0 == g1 == f0
+
+
+def test_bert_pair_kind(tmp_path, corpus_path, tokenizer):
+    from megalm.data.bert_dataset import BertPairDataset
+    from megalm.data.preprocess import Options, preprocess
+
+    out = str(tmp_path / "s")
+    preprocess([corpus_path], out, tokenizer.model_path, Options(split_sentences=True), workers=0, progress=False)
+    cfg = from_dict({"data": {"prefix": out + "_text_sentence", "split": "90,10,0"},
+                     "model": {"seq_length": 64}, "objective": {"name": "mlm", "binary_head": "nsp"}})
+    ds = build_datasets(cfg, tokenizer, {"train": 50, "valid": 5, "test": 5}, kind="bert_pair")
+    assert isinstance(ds["train"], BertPairDataset) and ds["train"].binary_head == "nsp"
+    assert ds["test"] is None and len(ds["valid"]) >= 5
+    assert ds["train"][0]["tokens"].shape == (64,)
+    assert os.path.isdir(tmp_path / "cache" / "BertPairDataset_indices")
