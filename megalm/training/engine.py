@@ -48,10 +48,20 @@ def _optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
     return torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
 
 
+def megalm_clips(cfg: Config) -> bool:
+    """fp32 without ZeRO: DeepSpeed's norm is wrong under PP and not reported, so megalm clips."""
+    return cfg.precision == "fp32" and cfg.zero.stage == 0
+
+
 def build_engine(cfg: Config, ds_config: dict, vocab_size: int, objective: Objective) -> Engine:
     """Initialise TP/PP/DP groups, build the model (or its pipeline stages) and wrap it in DeepSpeed."""
     import deepspeed
     import torch.distributed as dist
+
+    from megalm.training import grad_norm
+
+    if megalm_clips(cfg):
+        ds_config = {**ds_config, "gradient_clipping": 0.0}
 
     from megalm.model import build_model, pipeline_layers
     from megalm.parallel import state
@@ -83,7 +93,12 @@ def build_engine(cfg: Config, ds_config: dict, vocab_size: int, objective: Objec
             model=module, optimizer=_optimizer(cfg, module), lr_scheduler=scheduler_factory(cfg.optim, total_iters),
             config=ds_config,
         )
-        state.check_matches_grid(module._grid)
+        if megalm_clips(cfg):
+            grad_norm.install(ds, cfg.optim.clip_grad)
+        grid = module._grid
+        if (grid.get_slice_parallel_rank(), grid.get_data_parallel_rank(), grid.get_stage_id()) != (
+                state.tensor_rank(), state.data_rank(), state.pipeline_rank()):
+            raise RuntimeError("megalm's rank layout disagrees with DeepSpeed's pipeline grid (a megalm bug)")
         return Engine(ds=ds, pipeline=True, dp_rank=state.data_rank(), dp_size=state.data_size(),
                       is_first_stage=ds.is_first_stage(), is_last_stage=ds.is_last_stage())
 
@@ -92,5 +107,7 @@ def build_engine(cfg: Config, ds_config: dict, vocab_size: int, objective: Objec
         model=model, optimizer=_optimizer(cfg, model), lr_scheduler=scheduler_factory(cfg.optim, total_iters),
         config=ds_config, mpu=state.mpu(),
     )
+    if megalm_clips(cfg):
+        grad_norm.install(ds, cfg.optim.clip_grad)
     return Engine(ds=ds, pipeline=False, dp_rank=state.data_rank(), dp_size=state.data_size(),
                   is_first_stage=True, is_last_stage=True)

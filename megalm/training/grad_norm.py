@@ -1,0 +1,61 @@
+"""A global gradient norm that is right under any TP x PP layout, and clipping by it.
+
+DeepSpeed's fp32 path without ZeRO counts replicated parameters only on
+"model-parallel rank 0", which under the pipeline grid means only the first
+stage (see ../shared/notes: 3.79 vs the true 3.88), and it discards the norm it
+computes. megalm clips in that mode itself: each parameter counts once per
+replica — TP shards on every TP rank, replicated weights on TP rank 0, tied
+pipeline copies (ds_pipe_replicated) on their owner stage only.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+import torch.distributed as dist
+
+
+def counts_once(p: torch.nn.Parameter, tensor_rank: int) -> bool:
+    if getattr(p, "ds_pipe_replicated", False):
+        return False
+    return bool(getattr(p, "tensor_model_parallel", False)) or tensor_rank == 0
+
+
+@torch.no_grad()
+def global_grad_norm(params: Iterable[torch.nn.Parameter]) -> float:
+    from megalm.parallel import state
+
+    tp_rank = state.tensor_rank()
+    total = torch.zeros(1, dtype=torch.float64)
+    for p in params:
+        if p.grad is not None and counts_once(p, tp_rank):
+            total += p.grad.detach().double().pow(2).sum().cpu()
+    group = state.model_group()
+    if group is not None and dist.get_world_size(group) > 1:
+        dist.all_reduce(total, group=group)
+    return float(total.sqrt().item())
+
+
+@torch.no_grad()
+def clip_(params: list[torch.nn.Parameter], max_norm: float) -> float:
+    """Scale gradients so their global norm is at most ``max_norm`` (0 = measure only); return the norm."""
+    norm = global_grad_norm(params)
+    if max_norm > 0 and norm > max_norm:
+        coef = max_norm / (norm + 1e-6)
+        for p in params:
+            if p.grad is not None:
+                p.grad.mul_(coef)
+    return norm
+
+
+def install(ds_engine, max_norm: float) -> None:
+    """Make ``ds_engine`` clip with megalm's norm right before each optimizer step (fp32, ZeRO-0)."""
+    params = [p for p in ds_engine.module.parameters() if p.requires_grad]
+    original = ds_engine._take_model_step
+
+    def take_model_step(*args, **kwargs):
+        ds_engine._global_grad_norm = clip_(params, max_norm)
+        return original(*args, **kwargs)
+
+    ds_engine._take_model_step = take_model_step
