@@ -11,7 +11,7 @@
 #   MEGALM_SETUP         a file sourced first (module load, venv activate, site NCCL settings) [none]
 #   MEGALM_CONTAINER     command prefix per task, e.g. "apptainer exec --nv megalm.sif" [none]
 #   MEGALM_SRUN_ARGS     extra srun arguments, e.g. "--container-image=megalm.sqsh" (pyxis/enroot) [none]
-#   MEGALM_MASTER_PORT   rendezvous port                              [derived from the job id]
+#   MEGALM_MASTER_PORT   rendezvous port                    [from the job id; a free one if that is taken]
 #   MEGALM_MAX_REQUEUES  give up requeueing after this many restarts  [50]
 #   MEGALM_SRUN_WAIT     seconds srun lets other ranks run after one has exited (then kills them) [300]
 #   MEGALM_ARGS          extra arguments for the entry point, before the script's own arguments [none]
@@ -36,6 +36,31 @@ megalm_path() {
   esac
 }
 
+# The batch script runs on the allocation's first node, MASTER_ADDR: keep the job-id port if it is free
+# there, else take one the kernel says is free (another job or a lingering socket may hold it).
+megalm_pick_port() {
+  local want=$1 py
+  py=$(command -v python3 || command -v "${MEGALM_PYTHON:-python3}" || true)
+  if [ -z "$py" ]; then
+    echo "$want"
+    return
+  fi
+  "$py" - "$want" <<'PY' || echo "$want"
+import socket, sys
+want = int(sys.argv[1])
+for port in (want, 0):
+    s = socket.socket()
+    try:
+        s.bind(("", port))
+        print(s.getsockname()[1])
+        break
+    except OSError:
+        continue
+    finally:
+        s.close()
+PY
+}
+
 megalm_environment() {
   [ -n "${SLURM_JOB_ID:-}" ] || megalm_die "not inside a Slurm job: submit with sbatch"
   if [ -n "${MEGALM_SETUP:-}" ]; then
@@ -50,11 +75,11 @@ megalm_environment() {
   MEGALM_CONFIG_PATH=$(megalm_path "$MEGALM_CONFIG")
   [ -f "$MEGALM_CONFIG_PATH" ] || megalm_die "config $MEGALM_CONFIG_PATH not found (set MEGALM_ROOT or MEGALM_CONFIG)"
 
-  # Rendezvous: the first node of the allocation, a port from the job id. The restart count moves the
-  # port on a requeue so a rerun on the same node never meets the previous run's socket in TIME_WAIT.
+  # Rendezvous: the first node of the allocation, a port from the job id (checked free). The restart
+  # count moves the port on a requeue so a rerun never meets the previous run's socket in TIME_WAIT.
   MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
   [ -n "$MASTER_ADDR" ] || megalm_die "could not read the first host of SLURM_JOB_NODELIST=$SLURM_JOB_NODELIST"
-  MASTER_PORT=${MEGALM_MASTER_PORT:-$((20000 + (SLURM_JOB_ID % 4000) * 10 + ${SLURM_RESTART_COUNT:-0} % 10))}
+  MASTER_PORT=${MEGALM_MASTER_PORT:-$(megalm_pick_port "$((20000 + (SLURM_JOB_ID % 4000) * 10 + ${SLURM_RESTART_COUNT:-0} % 10))")}
   export MASTER_ADDR MASTER_PORT
 
   # One math thread per CPU Slurm gave the task: N ranks on a node must not fight over all cores.
@@ -100,8 +125,6 @@ megalm_srun() {
   megalm_log "nodes $SLURM_JOB_NODELIST, $SLURM_NTASKS ranks, master $MASTER_ADDR:$MASTER_PORT," \
     "restart ${SLURM_RESTART_COUNT:-0}"
   megalm_log "running: ${container[*]} ${cmd[*]}"
-  trap 'megalm_on_signal USR1' USR1
-  trap 'megalm_on_signal TERM' TERM
   # Each task maps Slurm's ids to the torch.distributed names too, so any env:// program works.
   # --kill-on-bad-exit=0 + --wait: a rank that exits 75 after its checkpoint must not kill ranks still
   # writing theirs; a crashed rank still brings the step down after MEGALM_SRUN_WAIT seconds.
@@ -119,16 +142,23 @@ megalm_srun() {
       break
     fi
   done
-  trap - USR1 TERM
   MEGALM_SRUN_PID=""
   return "$rc"
 }
 
 # Run the job; on exit code 75 requeue it (the rerun resumes from run.dir/checkpoints).
 megalm_slurm_main() {
+  # Trap first: an untrapped USR1 would kill this shell, and the job with it, without a requeue.
+  trap 'megalm_on_signal USR1' USR1
+  trap 'megalm_on_signal TERM' TERM
   megalm_environment
   local rc=0
-  megalm_srun "$@" || rc=$?
+  if [ "$MEGALM_PREEMPTED" -eq 1 ]; then
+    megalm_log "signalled before training started: nothing to save"
+    rc=$MEGALM_EXIT_PREEMPTED
+  else
+    megalm_srun "$@" || rc=$?
+  fi
   if [ "$rc" -eq "$MEGALM_EXIT_PREEMPTED" ]; then
     local restarts=${SLURM_RESTART_COUNT:-0}
     if [ "$restarts" -ge "$MEGALM_MAX_REQUEUES" ]; then

@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import pwd
+import random
 import shutil
 import signal
 import socket
@@ -188,8 +189,10 @@ class SlurmCluster:
                 f"Gres=gpu:{GPUS_PER_NODE} State=UNKNOWN"
             )
         r = self.root
+        first_job = random.randint(1000, 900000)  # job ids (and the ports derived from them) differ per cluster
         conf = f"""# written by tests/launch/slurm_cluster.py
 ClusterName=megalm
+FirstJobId={first_job}
 SlurmctldHost={host}(127.0.0.1)
 SlurmctldPort={ctld_port}
 SlurmUser=root

@@ -40,18 +40,28 @@ def wait_for(cluster: SlurmCluster, job_id: str, states: tuple, timeout: float, 
     """Poll until the job is in one of ``states``; a requeued job is told to start now (not in 120 s)."""
     deadline = time.monotonic() + timeout
     info: dict = {}
+    seen: list = []
+    final_polls = 0
     while time.monotonic() < deadline:
         info = cluster.job_state(job_id)
         state = info.get("JobState")
+        summary = (state, info.get("Restarts"), info.get("ExitCode"), info.get("Reason"))
+        if not seen or seen[-1] != summary:
+            seen.append(summary)
         if state in states:
             return info
         if state in ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL"):
-            break
+            final_polls += 1  # a requeue can pass through a final-looking state: believe it after ~3 s
+            if final_polls >= 4:
+                break
+            time.sleep(1.0)
+            continue
+        final_polls = 0
         if state == "PENDING" and info.get("Reason") == "BeginTime":
             cluster.run("scontrol", "update", f"JobId={job_id}", "StartTime=now", check=False)
         time.sleep(0.5)
-    raise AssertionError(f"job {job_id} reached {info.get('JobState')} (wanted {states}) "
-                         f"{info.get('ExitCode')}; log:\n{job_log(workdir, job_id)}")
+    raise AssertionError(f"job {job_id} reached {info.get('JobState')} (wanted {states}); "
+                         f"(state, restarts, exit code, reason) seen: {seen}; log:\n{job_log(workdir, job_id)}")
 
 
 def read_metrics(run_dir: str) -> list[dict]:
