@@ -9,6 +9,7 @@ import torch.distributed as dist
 
 import megalm.config as C
 from megalm.model import build_model
+from megalm.model.tp_layout import tp_rule
 from megalm.parallel import state
 from megalm.parallel.cross_entropy import vocab_parallel_cross_entropy
 from megalm.parallel.layers import shard
@@ -94,7 +95,10 @@ def compare_variant(variant: str, tp: int, sp: bool, atol: float = 1e-5) -> dict
         for n, p in model.named_parameters():
             names.add(n)
             ref = ref_grads[n]
-            if getattr(p, "tensor_model_parallel", False):
+            rule = tp_rule(n, make_cfg(variant, tp, sp), VOCAB)
+            marked = (p.partition_dim, p.partitions) if getattr(p, "tensor_model_parallel", False) else None
+            assert rule == marked, f"{variant}: tp_rule({n}) = {rule} but the parameter says {marked}"
+            if marked is not None:
                 ref = shard(ref, p.partition_dim, p.partitions, state.tensor_rank(), tp)
             assert p.grad is not None, f"{variant}: no grad for {n}"
             assert p.grad.shape == ref.shape, f"{variant}: {n} grad {tuple(p.grad.shape)} vs {tuple(ref.shape)}"

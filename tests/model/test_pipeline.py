@@ -1,0 +1,89 @@
+"""pipeline_layers run one after another in one process give build_model's logits and grads (same seed)."""
+
+import pytest
+import torch
+
+from megalm.model import build_model, pipeline_layers
+from megalm.model.pipeline import pipeline_name_prefixes
+from megalm.parallel.cross_entropy import vocab_parallel_cross_entropy
+from tests.parallel.tp_check import VOCAB, make_batch, make_cfg
+
+
+def build_sequential(specs):
+    """What DeepSpeed's PipelineModule does on one stage: build each spec, tied ones once."""
+    built, layers, modules = {}, [], []
+    for spec in specs:
+        key = getattr(spec, "key", None)
+        if key is not None and key in built:
+            mod, fn = built[key], spec.forward_fn
+            layers.append(lambda x, mod=mod, fn=fn: fn(mod, x))
+            modules.append(None)
+            continue
+        mod = spec.build()
+        if key is not None:
+            built[key] = mod
+        layers.append(mod)
+        modules.append(mod)
+    return layers, modules
+
+
+CASES = {
+    "llama": ("input_ids", "position_ids", "segment_ids"),
+    "gpt2": ("input_ids",),
+    "post_ln_sinusoidal": ("input_ids", "position_ids"),
+    "bert": ("input_ids", "token_type_ids", "padding_mask"),
+    "plm": ("input_ids", "position_ids", "content_mask", "query_mask"),
+}
+
+
+@pytest.mark.parametrize("variant", list(CASES))
+@pytest.mark.parametrize("ckpt", ["none", "full"])
+def test_pipeline_layers_match_model(variant, ckpt):
+    cfg = make_cfg(variant, activation_checkpointing=ckpt)
+    batch = make_batch(variant)
+    kw = dict(batch["kwargs"])
+    kw.pop("two_stream", None)
+    kw.setdefault("position_ids", torch.arange(16).expand(2, 16))
+    names = CASES[variant]
+    model = build_model(cfg, VOCAB)
+    model_kw = {n: kw[n] for n in names}
+    if variant == "plm":
+        model_kw["two_stream"] = True
+    out = model(**model_kw)
+    ref = out if torch.is_tensor(out) else out[0]
+
+    specs = pipeline_layers(cfg, VOCAB, names)
+    assert len(specs) == cfg.model.num_layers + 3
+    layers, modules = build_sequential(specs)
+    x = tuple(kw[n] for n in names)
+    for layer in layers:
+        x = layer(x)
+    logits = x if torch.is_tensor(x) else x[0]
+    torch.testing.assert_close(logits[..., :VOCAB], ref[..., :VOCAB], atol=0, rtol=0)
+    assert torch.isinf(logits[..., VOCAB:]).all()
+    if not torch.is_tensor(out) and out[1] is not None:
+        torch.testing.assert_close(x[1], out[1], atol=0, rtol=0)
+
+    vocab_parallel_cross_entropy(ref, batch["labels"]).mean().backward()
+    vocab_parallel_cross_entropy(logits, batch["labels"]).mean().backward()
+    ref_params = dict(model.named_parameters())
+    seen = set()
+    for mod, prefix in zip(modules, pipeline_name_prefixes(cfg)):
+        if mod is None:
+            continue
+        for n, p in mod.named_parameters():
+            full = prefix + n
+            assert full in ref_params, f"pipeline param {n} (layer prefix {prefix!r}) has no model counterpart"
+            torch.testing.assert_close(p, ref_params[full], atol=0, rtol=0)
+            if ref_params[full].grad is not None:
+                torch.testing.assert_close(p.grad, ref_params[full].grad, atol=1e-6, rtol=1e-5)
+            seen.add(full)
+    assert seen == set(ref_params)
+
+
+def test_default_inputs_follow_objective():
+    from megalm.model.pipeline import default_inputs
+
+    assert default_inputs(make_cfg("llama")) == ("input_ids", "position_ids")
+    assert default_inputs(make_cfg("plm"))[-2:] == ("content_mask", "query_mask")
+    assert default_inputs(make_cfg("bert")) == ("input_ids", "token_type_ids", "padding_mask")
