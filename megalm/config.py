@@ -135,7 +135,8 @@ class TrainConfig:
     eval_interval: int = 100
     eval_iters: int = 10
     activation_checkpointing: str = "none"  # none | full | selective
-    exit_duration_minutes: Optional[float] = None
+    exit_duration_minutes: Optional[float] = None  # save and exit (code 75) after this long
+    exit_interval: int = 0  # save and exit (code 0) at steps divisible by this; 0 = off (Megatron's --exit-interval)
     max_skipped_steps: int = 10
     peak_tflops: Optional[float] = None  # per device, for MFU; None = guess from device
 

@@ -181,6 +181,9 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)
         self._barrier()
         self.engine.ds.save_checkpoint(self.root, tag=tmp_name, save_latest=False)
+        from megalm.training import universal
+
+        universal.save_shards(self.engine, self.cfg, tmp)
         os.makedirs(os.path.join(tmp, "megalm"), exist_ok=True)
         tensors, plain = _rng_state()
         torch.save(tensors, os.path.join(tmp, "megalm", f"rng_rank{self.rank:05d}.pt"))
@@ -250,13 +253,10 @@ class Checkpointer:
         verify(path)
         with open(os.path.join(path, "megalm", STATE)) as f:
             state = json.load(f)
-        layout = (state["tensor"], state["pipeline"])
-        if layout != (self.cfg.parallel.tensor, self.cfg.parallel.pipeline):
-            raise CheckpointError(
-                f"{path} was saved at tensor={layout[0]} pipeline={layout[1]}, this run uses "
-                f"tensor={self.cfg.parallel.tensor} pipeline={self.cfg.parallel.pipeline}; "
-                "reshard it first with tools/reshard_checkpoint.py"
-            )
+        saved = (state["tensor"], state["pipeline"], state["world_size"], state["zero_stage"])
+        now = (self.cfg.parallel.tensor, self.cfg.parallel.pipeline, self.world_size, self.cfg.zero.stage)
+        if saved != now or state.get("universal_only"):
+            return self._load_resharded(path, state, saved, now)
         root, tag = os.path.split(os.path.normpath(path))
         load_path, _ = self.engine.ds.load_checkpoint(
             root, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True,
@@ -275,3 +275,24 @@ class Checkpointer:
         if self.rank == 0:
             logger.info(f"resumed from {path} at step {state['step']} ({self.consumed_samples} samples consumed)")
         return state["step"], state["consumed_samples"]
+
+    def _load_resharded(self, path: str, state: dict, saved: tuple, now: tuple) -> tuple[int, int]:
+        """Another layout (tensor, pipeline, world, ZeRO): load through the layout-independent shards."""
+        from megalm.training import universal
+
+        carried = universal.load_into_engine(self.engine, self.cfg, path)
+        step, consumed = int(state["step"]), int(state["consumed_samples"])
+        ds = self.engine.ds
+        ds.global_steps = step
+        ds.global_samples = consumed
+        sched = getattr(ds, "lr_scheduler", None)
+        if sched is not None and step > 0:
+            sched.last_epoch = step - 1
+            sched.step()
+        self.consumed_samples = consumed
+        if self.rank == 0:
+            names = ("tensor", "pipeline", "world", "zero")
+            change = ", ".join(f"{n} {a}->{b}" for n, a, b in zip(names, saved, now) if a != b) or "imported weights"
+            logger.warning(f"resharded {path} ({change}) at step {step}; optimizer state "
+                           f"{'carried over' if carried else 'NOT carried over (fresh Adam moments)'}")
+        return step, consumed

@@ -229,6 +229,11 @@ def run(cfg: Config, engine: Engine, objective: Objective, train_batches: Iterat
                 if rank == 0:
                     logger.warning(f"preempted at step {step}: checkpoint saved; exiting with {EXIT_PREEMPTED}")
                 return EXIT_PREEMPTED
+            if t.exit_interval and step % t.exit_interval == 0 and step < t.iters:
+                checkpointer.save(step)
+                if rank == 0:
+                    logger.info(f"train.exit_interval: checkpoint saved at step {step}; exiting")
+                return 0
             if t.exit_duration_minutes and (time.time() - started) / 60 >= t.exit_duration_minutes:
                 checkpointer.save(step)
                 if rank == 0:
