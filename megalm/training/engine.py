@@ -15,6 +15,7 @@ import torch
 
 from megalm.config import Config
 from megalm.objectives.base import Objective
+from megalm.training.guard import NonFiniteGuard, install
 from megalm.training.schedule import scheduler_factory
 
 logger = logging.getLogger(__name__)
@@ -30,6 +31,14 @@ class Engine:
     dp_size: int
     is_last_stage: bool
     is_first_stage: bool
+    objective: Objective
+    guard: NonFiniteGuard
+
+    def loss(self, output: Any, targets: tuple) -> torch.Tensor:
+        """The objective's loss, watched for non-finite values (see megalm.training.guard)."""
+        loss = self.objective.loss(output, targets)
+        self.guard.observe(loss)
+        return loss
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -58,8 +67,8 @@ def build_engine(cfg: Config, ds_config: dict, vocab_size: int, objective: Objec
     import deepspeed
     import torch.distributed as dist
 
-    from megalm.training import grad_norm
-
+    guard = NonFiniteGuard()
+    clip = cfg.optim.clip_grad if megalm_clips(cfg) else None
     if megalm_clips(cfg):
         ds_config = {**ds_config, "gradient_clipping": 0.0}
 
@@ -79,7 +88,9 @@ def build_engine(cfg: Config, ds_config: dict, vocab_size: int, objective: Objec
         topo = PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=world // (tp * pp))
 
         def loss_fn(output, targets):
-            return objective.loss(output, targets)
+            loss = objective.loss(output, targets)
+            guard.observe(loss)
+            return loss
 
         module = PipelineModule(
             layers=pipeline_layers(cfg, vocab_size, **objective.model_kwargs()),
@@ -93,21 +104,20 @@ def build_engine(cfg: Config, ds_config: dict, vocab_size: int, objective: Objec
             model=module, optimizer=_optimizer(cfg, module), lr_scheduler=scheduler_factory(cfg.optim, total_iters),
             config=ds_config,
         )
-        if megalm_clips(cfg):
-            grad_norm.install(ds, cfg.optim.clip_grad)
+        install(ds, guard, clip)
         grid = module._grid
         if (grid.get_slice_parallel_rank(), grid.get_data_parallel_rank(), grid.get_stage_id()) != (
                 state.tensor_rank(), state.data_rank(), state.pipeline_rank()):
             raise RuntimeError("megalm's rank layout disagrees with DeepSpeed's pipeline grid (a megalm bug)")
         return Engine(ds=ds, pipeline=True, dp_rank=state.data_rank(), dp_size=state.data_size(),
-                      is_first_stage=ds.is_first_stage(), is_last_stage=ds.is_last_stage())
+                      is_first_stage=ds.is_first_stage(), is_last_stage=ds.is_last_stage(),
+                      objective=objective, guard=guard)
 
     model = build_model(cfg, vocab_size, **objective.model_kwargs())
     ds, *_ = deepspeed.initialize(
         model=model, optimizer=_optimizer(cfg, model), lr_scheduler=scheduler_factory(cfg.optim, total_iters),
         config=ds_config, mpu=state.mpu(),
     )
-    if megalm_clips(cfg):
-        grad_norm.install(ds, cfg.optim.clip_grad)
+    install(ds, guard, clip)
     return Engine(ds=ds, pipeline=False, dp_rank=state.data_rank(), dp_size=state.data_size(),
-                  is_first_stage=True, is_last_stage=True)
+                  is_first_stage=True, is_last_stage=True, objective=objective, guard=guard)

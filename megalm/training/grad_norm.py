@@ -47,15 +47,3 @@ def clip_(params: list[torch.nn.Parameter], max_norm: float) -> float:
             if p.grad is not None:
                 p.grad.mul_(coef)
     return norm
-
-
-def install(ds_engine, max_norm: float) -> None:
-    """Make ``ds_engine`` clip with megalm's norm right before each optimizer step (fp32, ZeRO-0)."""
-    params = [p for p in ds_engine.module.parameters() if p.requires_grad]
-    original = ds_engine._take_model_step
-
-    def take_model_step(*args, **kwargs):
-        ds_engine._global_grad_norm = clip_(params, max_norm)
-        return original(*args, **kwargs)
-
-    ds_engine._take_model_step = take_model_step

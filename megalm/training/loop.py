@@ -96,7 +96,7 @@ def train_step(engine: Engine, objective: Objective, batches: Iterator[dict], gr
         batch = _to_device(next(batches), device)
         tokens += objective.tokens_in(batch)
         out = ds(*objective.inputs(batch))
-        loss = objective.loss(out, objective.targets(batch))
+        loss = engine.loss(out, objective.targets(batch))
         ds.backward(loss)
         ds.step()
         losses.append(loss.detach())
@@ -118,6 +118,7 @@ def evaluate(engine: Engine, objective: Objective, batches: Iterator[dict], iter
         for _ in range(iters):
             total += float(ds.eval_batch(data_iter=PipeFeed(batches, objective, device)).item())
         ds.train()
+        engine.guard.bad = False  # eval losses go through the same loss_fn; they never skip a step
         return total / iters
     ds.eval()
     losses = []
@@ -167,6 +168,7 @@ def run(cfg: Config, engine: Engine, objective: Objective, train_batches: Iterat
     window_loss, window_steps, window_tokens = 0.0, 0, 0
     skipped_base = getattr(engine.ds, "skipped_steps", 0)
     consecutive_bad = 0
+    skipped_seen = skipped_base
     step = start_step
     try:
         while step < t.iters:
@@ -174,17 +176,25 @@ def run(cfg: Config, engine: Engine, objective: Objective, train_batches: Iterat
             step += 1
             consumed_samples += t.global_batch_size
             checkpointer.consumed_samples = consumed_samples
-            if not math.isfinite(loss):
+            skipped_now = getattr(engine.ds, "skipped_steps", 0)
+            step_skipped = skipped_now > skipped_seen
+            skipped_seen = skipped_now
+            # fp16 skips with a finite loss are the loss scaler calibrating, not a sick run
+            if step_skipped and (cfg.precision != "fp16" or not math.isfinite(loss)):
                 consecutive_bad += 1
+                if rank == 0:
+                    logger.warning(f"step {step}: non-finite loss or gradient norm; update skipped "
+                                   f"({consecutive_bad} in a row)")
                 if consecutive_bad >= t.max_skipped_steps:
                     checkpointer.save(step, diagnostic=True)
                     raise MegalmError(
-                        f"{consecutive_bad} consecutive steps had a non-finite loss (last at step {step}); "
-                        f"a diagnostic checkpoint was saved in {checkpointer.root}. Lower optim.lr, "
-                        "check the data, or use bf16 instead of fp16."
+                        f"{consecutive_bad} consecutive steps had a non-finite loss or gradient norm (last at step "
+                        f"{step}); their updates were skipped and a diagnostic checkpoint was saved in "
+                        f"{checkpointer.root}. Lower optim.lr, check the data, or use bf16 instead of fp16."
                     )
             else:
                 consecutive_bad = 0
+            if math.isfinite(loss):
                 window_loss += loss
                 window_steps += 1
             window_tokens += tokens
