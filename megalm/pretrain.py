@@ -120,11 +120,31 @@ def _run(args: argparse.Namespace, rank: int, world: int, info: dict) -> int:
                  f"precision={cfg.precision}; run dir {cfg.run.dir}")
     objective = build_objective(cfg, tokenizer)
     engine = build_engine(cfg, ds_config, vocab, objective)
+    _write_run_info(cfg, engine, rank, world)
     checkpointer = Checkpointer(cfg, engine, rank, world, tokenizer_path=cfg.data.tokenizer)
     start_step, consumed = checkpointer.load()
     train_batches, valid_batches = build_iterators(cfg, tokenizer, objective, consumed, engine.dp_rank, engine.dp_size)
     return run(cfg, engine, objective, train_batches, valid_batches, checkpointer, start_step, consumed,
                device(), world, rank)
+
+
+def _write_run_info(cfg, engine, rank: int, world: int) -> None:
+    """run.dir/run_info.json: layout and the parameter elements each rank holds (ZeRO-3 partitions them)."""
+    import json
+
+    import torch
+    import torch.distributed as dist
+
+    local = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in engine.ds.module.parameters())
+    counts = [None] * world
+    dist.all_gather_object(counts, int(local))
+    if rank == 0:
+        info = {"world_size": world, "tensor": cfg.parallel.tensor, "pipeline": cfg.parallel.pipeline,
+                "data": engine.dp_size, "zero_stage": cfg.zero.stage, "precision": cfg.precision,
+                "param_elements_per_rank": counts, "torch": torch.__version__}
+        with open(os.path.join(cfg.run.dir, "run_info.json"), "w") as f:
+            json.dump(info, f, indent=1)
+        logging.getLogger("megalm").info(f"parameter elements held per rank: {counts}")
 
 
 if __name__ == "__main__":
