@@ -19,6 +19,17 @@ LAYOUTS = {
     "tp2_pp2": (4, ["parallel.tensor=2", "parallel.pipeline=2"]),
     "pp2_dp2_zero1": (4, ["parallel.pipeline=2", "zero.stage=1"]),
     "recompute_full": (1, ["train.activation_checkpointing=full"]),
+    "recompute_selective": (1, ["train.activation_checkpointing=selective"]),
+    "pp2_recompute_full": (2, ["parallel.pipeline=2", "train.activation_checkpointing=full"]),
+}
+
+# bf16 (fp32 master weights): layouts agree with the bf16 single-process run within this relative tolerance
+# (measured worst case over 10 steps: see docs/training.md).
+BF16_RTOL = 2e-2
+BF16_LAYOUTS = {
+    "bf16_tp2": (2, ["parallel.tensor=2"]),
+    "bf16_dp2_zero1": (2, ["zero.stage=1"]),
+    "bf16_pp2": (2, ["parallel.pipeline=2"]),
 }
 
 
@@ -45,3 +56,22 @@ def test_layout_matches_reference(name, reference, tiny_data, tmp_path):
     assert all(g is not None for g in gn_got + gn_ref)
     for a, b in zip(gn_got, gn_ref):
         assert abs(a - b) <= 1e-3 * abs(b), f"{name}: grad norm {gn_got} vs reference {gn_ref}"
+
+
+@pytest.fixture(scope="module")
+def bf16_reference(tiny_data, tmp_path_factory):
+    _, records, _ = run_pretrain(tiny_data, tmp_path_factory.mktemp("ref_bf16"), nproc=1, overrides=["precision=bf16"])
+    return losses(records)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(BF16_LAYOUTS))
+def test_bf16_layout_matches_within_tolerance(name, bf16_reference, reference, tiny_data, tmp_path):
+    nproc, overrides = BF16_LAYOUTS[name]
+    _, records, _ = run_pretrain(tiny_data, tmp_path, nproc=nproc, overrides=overrides + ["precision=bf16"])
+    got = losses(records)
+    worst = max(abs(a - b) / abs(b) for a, b in zip(got, bf16_reference))
+    print(f"{name}: worst relative difference to the bf16 reference {worst:.2e}")
+    assert worst <= BF16_RTOL, f"{got}\n{bf16_reference}"
+    # and bf16 tracks fp32 training closely
+    assert max(abs(a - b) / abs(b) for a, b in zip(got, losses(reference))) <= 5e-2
