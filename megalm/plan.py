@@ -167,18 +167,23 @@ def activation_bytes_per_layer(cfg: Config, layout: Layout, element_bytes: int) 
     rep = t if sp else 1  # hidden-size tensors outside the TP regions are split only under SP
     if layout.recompute == "full":
         return s * b * h / rep * element_bytes  # the block's input only
-    norm_saves = 2 if m.norm == "layernorm" or element_bytes != 4 else 1  # bf16 RMSNorm also keeps fp32 copy
+    # What each norm and its residual branch keep, in units of h (counted on megalm's blocks with
+    # saved-tensor hooks): LayerNorm 3 (its input, statistics and output, which the next matmul saves);
+    # RMSNorm's unfused fp32 path one more; in bf16 also its fp32 upcast (2 bf16-sized units).
+    if m.norm == "layernorm":
+        norm_saves = 3.0
+    else:
+        norm_saves = 4.0 if element_bytes == 4 else 5.0
     per_token = 0.0
-    per_token += 2 * (h / rep) * norm_saves / 1.0  # two norms' inputs (+ internals)
-    per_token += 2 * h  # the inputs of qkv and fc1 (gathered over TP: full h)
+    per_token += 2 * norm_saves * h / rep  # the two norms (their outputs feed qkv and fc1)
     per_token += (q + 2 * kv) / t  # qkv output (q, k, v views keep it alive)
     if m.position == "rope":
         per_token += (q + kv) / t  # q, k after rotation
-    per_token += q / t  # attention output, reshaped: input of the output projection
-    if layout.recompute != "selective":
-        per_token += q / t  # the attention kernel's own output (flash-style kernels keep no s^2 scores)
-        if m.attention_dropout > 0:
-            per_token += (m.num_heads / t) * s / element_bytes  # a byte mask per score
+    per_token += 2 * q / t  # the attention kernel's output and its reshaped copy (out-projection input)
+    if layout.recompute != "selective" and m.attention_dropout > 0:
+        # fused (flash / memory-efficient) kernels keep no s x s scores; with attention dropout the
+        # non-fused path keeps the probabilities and a byte mask: what selective recompute saves
+        per_token += (m.num_heads / t) * s * (1 + 1 / element_bytes)
     per_token += (4 * f if m.activation == "swiglu" else 2 * f) / t  # fc1 out, activation, fc2 input
     if m.hidden_dropout > 0:
         per_token += 2 * (h / rep) / element_bytes  # two byte masks
@@ -194,8 +199,10 @@ def activation_bytes(cfg: Config, layout: Layout, element_bytes: int, grad_accum
     in_flight = min(layout.pp, grad_accum) if layout.pp > 1 else 1
     per_layer = activation_bytes_per_layer(cfg, layout, element_bytes)
     total = per_layer * layers * in_flight
+    one_block = activation_bytes_per_layer(cfg, dataclasses.replace(layout, recompute="none"), element_bytes)
     if layout.recompute == "full":  # backward re-runs one block at a time with everything saved
-        total += activation_bytes_per_layer(cfg, dataclasses.replace(layout, recompute="none"), element_bytes)
+        total += one_block
+    total += one_block  # backward's workspace: the gradients flowing through one block (measured on CPU)
     s, b, h = m.seq_length, layout.micro_batch, m.hidden_size
     total += s * b * h * element_bytes * 2 * in_flight  # embedding output, final norm
     return total
@@ -220,8 +227,9 @@ def estimate(cfg: Config, layout: Layout, vocab_size: Optional[int] = None, over
     weights = n * e / (dp if z >= 3 else 1)
     grads = n * e / (dp if z >= 2 else 1)
     # Adam m and v in fp32; mixed precision adds the fp32 master weights and the fp32 gradient DeepSpeed's
-    # optimizer steps on. ZeRO-1 and up partition all of it over the data-parallel ranks.
-    opt_per_param = 8 + (8 if mixed else 0)
+    # optimizer steps on; torch's AdamW step builds one fp32 temporary per parameter (its denominator).
+    # ZeRO-1 and up partition all of it over the data-parallel ranks.
+    opt_per_param = 8 + (8 if mixed else 0) + 4
     optimizer = n * opt_per_param / (dp if z >= 1 else 1)
     if cfg.zero.offload_optimizer and z >= 1:
         optimizer = 0.0

@@ -15,6 +15,8 @@ By hand::
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -28,7 +30,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Iterator, Optional
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +38,7 @@ PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge", "libpmix2", "openmpi
 BINARIES = ("/usr/sbin/slurmctld", "/usr/sbin/slurmd", "/usr/sbin/munged", "/usr/bin/sbatch")
 NODES = ("megalm-n1", "megalm-n2")
 HOSTS_MARK = "# megalm-test-slurm"
+REGISTRY = "/tmp/megalm-slurm-clusters"  # one file per running test cluster: who still needs HOSTS_MARK
 GPUS_PER_NODE = 8  # fake: dummy files, so the scripts' --gpus-per-node=8 header is honoured as written
 
 
@@ -245,6 +248,40 @@ PartitionName=debug Nodes={','.join(NODES)} Default=YES MaxTime=INFINITE State=U
                     f.write("\n")
                 f.write(f"127.0.0.1 {' '.join(missing)} {HOSTS_MARK}\n")
 
+    def _others_alive(self) -> bool:
+        """Whether another test cluster (say, under pytest-xdist) still needs the /etc/hosts names."""
+        for entry in os.listdir(REGISTRY) if os.path.isdir(REGISTRY) else []:
+            if entry.startswith("."):
+                continue
+            path = os.path.join(REGISTRY, entry)
+            try:
+                with open(path) as f:
+                    other_root = f.read().strip()
+            except OSError:
+                continue
+            if other_root == self.root:
+                continue
+            pid = _read_pid(os.path.join(other_root, "slurmctld.pid"))
+            if pid and _alive(pid):
+                return True
+            try:
+                os.remove(path)  # a cluster that died without stopping
+            except OSError:
+                pass
+        return False
+
+    def _register(self, on: bool) -> None:
+        path = os.path.join(REGISTRY, os.path.basename(self.root.rstrip("/")))
+        if on:
+            os.makedirs(REGISTRY, exist_ok=True)
+            with open(path, "w") as f:
+                f.write(self.root)
+        else:
+            try:
+                os.remove(path)
+            except OSError:
+                pass
+
     @staticmethod
     def _remove_hosts() -> None:
         try:
@@ -273,7 +310,9 @@ PartitionName=debug Nodes={','.join(NODES)} Default=YES MaxTime=INFINITE State=U
         """Start munged, slurmctld, both slurmd's; return once both nodes are idle. Cleans up on failure."""
         try:
             self._write_config()
-            self._add_hosts()
+            with _hosts_lock():
+                self._register(True)
+                self._add_hosts()
             mdir = os.path.join(self.root, "munge")
             self._start_daemon(
                 ["runuser", "-u", "munge", "--", "/usr/sbin/munged", "--force",
@@ -322,7 +361,21 @@ PartitionName=debug Nodes={','.join(NODES)} Default=YES MaxTime=INFINITE State=U
                     os.remove(pidfile)
                 except OSError:
                     pass
-        self._remove_hosts()
+        with _hosts_lock():
+            self._register(False)
+            if not self._others_alive():
+                self._remove_hosts()
+
+
+@contextlib.contextmanager
+def _hosts_lock() -> Iterator[None]:
+    os.makedirs(REGISTRY, exist_ok=True)
+    with open(os.path.join(REGISTRY, ".lock"), "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _tail(path: str, n: int = 30) -> str:
