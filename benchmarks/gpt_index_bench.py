@@ -74,15 +74,16 @@ def bench_getitem(seq: int, n: int, workdir: str) -> None:
             ds[int(i)]
         dt = time.perf_counter() - t
         print(f"__getitem__ seq {seq}, {label}: {n / dt:,.0f} samples/s")
-    # what the CLM objective derives per sample from segment_ids (vectorised numpy), for the full cost
+    # what the CLM objective derives per sample from segment_ids (megalm.data.masks), for the full cost
+    from megalm.data.masks import cu_seqlens, loss_mask, position_ids
+
     t = time.perf_counter()
     for i in order:
         s = ds[int(i)]
-        seg = s["segment_ids"][:-1]
-        starts = np.flatnonzero(np.r_[True, seg[1:] != seg[:-1]])
-        pos = np.arange(seq) - np.repeat(starts, np.diff(np.r_[starts, seq]))
-        loss_mask = s["tokens"][:-1] != eod
-        cu_seqlens = np.r_[starts, seq]
+        seg = s["segment_ids"]
+        position_ids(seg[:-1])
+        loss_mask(s["tokens"][:-1], seg[1:], eod, True)
+        cu_seqlens(seg[:-1])
     dt = time.perf_counter() - t
     print(f"__getitem__ + position reset + EOD loss mask + cu_seqlens: {n / dt:,.0f} samples/s  [target >= 10k]")
 
