@@ -38,6 +38,9 @@ PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge", "libpmix2", "openmpi
 BINARIES = ("/usr/sbin/slurmctld", "/usr/sbin/slurmd", "/usr/sbin/munged", "/usr/bin/sbatch")
 NODES = ("megalm-n1", "megalm-n2")
 HOSTS_MARK = "# megalm-test-slurm"
+# A requeued job may start only once its old credential expired (Slurm holds it back that long; forcing
+# it earlier fails with "Job credential revoked"). Default 120 s; short here so the requeue test is quick.
+CRED_EXPIRE = 10
 REGISTRY = "/tmp/megalm-slurm-clusters"  # one file per running test cluster: who still needs HOSTS_MARK
 GPUS_PER_NODE = 8  # fake: dummy files, so the scripts' --gpus-per-node=8 header is honoured as written
 
@@ -201,7 +204,7 @@ SlurmctldPort={ctld_port}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
-AuthInfo=socket={self.munge_socket}
+AuthInfo=socket={self.munge_socket},cred_expire={CRED_EXPIRE}
 CredType=cred/munge
 StateSaveLocation={r}/ctld
 SlurmctldPidFile={r}/slurmctld.pid
@@ -216,6 +219,7 @@ TaskPlugin=task/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 SchedulerType=sched/builtin
+SchedulerParameters=sched_interval=2
 MpiDefault=none
 GresTypes=gpu
 JobCompType=jobcomp/none
