@@ -207,17 +207,34 @@ class GPTDataset:
         self.shuffle_index = arrays["shuffle_index"]
         log.info("GPTDataset %s/%s: %d samples (%.2fs)", os.path.basename(idx.path_prefix), split_name,
                  len(self), time.time() - t0)
-        # plain views for the hot path
+        self._bind()
+
+    def _bind(self) -> None:
+        """Plain views of the mapped files for the hot path."""
+        idx = self.indexed
         self._tokens = idx.tokens
         self._ptr = idx.sequence_pointers
         self._len = idx.sequence_lengths
         self._item = idx.dtype.itemsize
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        for k in ("_tokens", "_ptr", "_len"):
+            state.pop(k, None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._bind()
 
     def __len__(self) -> int:
         return self.sample_index.shape[0] - 1
 
     def sample_tokens(self, idx: int) -> np.ndarray:
         """The int64 tokens of sample ``idx`` (seq_length+1, pad-filled if the sample is short)."""
+        return self._sample(idx)[0]
+
+    def _sample(self, idx: int) -> tuple[np.ndarray, int]:
         n = len(self)
         if idx < 0:
             idx += n
@@ -250,14 +267,13 @@ class GPTDataset:
                 k += m
         if k < want:
             out[k:] = self.pad_id
-        self._last_len = k
-        return out
+        return out, k
 
     def __getitem__(self, idx: int) -> dict[str, np.ndarray]:
-        tokens = self.sample_tokens(int(idx))
+        tokens, n = self._sample(int(idx))
         if not self.return_segment_ids:
             return {"tokens": tokens}
         seg = segment_ids_from_eod(tokens, self.eod_id)
-        if self._last_len < len(tokens):
-            seg[self._last_len:] = -1
+        if n < len(tokens):
+            seg[n:] = -1
         return {"tokens": tokens, "segment_ids": seg}

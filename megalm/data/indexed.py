@@ -153,6 +153,13 @@ class IndexedDataset:
                 raise DataError(f"{idx_path}: sequence pointer {bad} is inconsistent with the lengths; the index is corrupt")
             prev = int(expect[-1] + ln[-1])
 
+    def __getstate__(self) -> dict:
+        # mapped files are reopened by path in the receiving process (DataLoader workers under spawn)
+        return {"path_prefix": self.path_prefix}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["path_prefix"])
+
     # ------------------------------------------------------------------ access
     def __len__(self) -> int:
         return len(self.sequence_lengths)

@@ -218,3 +218,15 @@ def test_tokenizer_corpus_dataset(gpt_prefix, tokenizer, tmp_path):
     assert s["tokens"].shape == (129,)
     text = tokenizer.decode([t for t in s["tokens"].tolist() if t != tokenizer.eod])
     assert len(text) > 100
+
+
+def test_pickles_without_copying_the_data(tmp_path):
+    import pickle
+
+    prefix = str(tmp_path / "d")
+    write_dataset(prefix, [[10 + j % 100 for j in range(n * 50)] + [3] for n in range(1, 200)])  # ~2 MB
+    ds = GPTDataset(prefix, "train", (0, 199), 30, 16, 1, str(tmp_path / "c"), eod_id=3)
+    blob = pickle.dumps(ds)
+    assert len(blob) < 60_000  # indices are small here; the token file must not travel
+    copy = pickle.loads(blob)
+    assert all((copy[i]["tokens"] == ds[i]["tokens"]).all() for i in range(len(ds)))
