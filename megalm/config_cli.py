@@ -11,6 +11,18 @@ from megalm import config as C
 from megalm.errors import ConfigError
 
 
+START, END = "<!-- config-reference:start -->", "<!-- config-reference:end -->"
+
+
+def replace_reference(text: str, table: str) -> str:
+    """The README with its generated config table replaced (kept in sync by a test)."""
+    if START not in text or END not in text:
+        raise ValueError(f"markers {START} / {END} not found")
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    return f"{head}{START}\n{table}\n{END}{tail}"
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="megalm config")
     sub = parser.add_subparsers(dest="action", required=True)
@@ -20,9 +32,21 @@ def main(argv: Optional[list[str]] = None) -> int:
     show.add_argument("--ds-config", help="a DeepSpeed JSON to fold in and check")
     show.add_argument("--world-size", type=int, default=None,
                       help="ranks to derive the DeepSpeed batch settings for (default: tensor x pipeline)")
-    sub.add_parser("reference", help="print the config reference as a Markdown table")
+    ref = sub.add_parser("reference", help="print the config reference as a Markdown table")
+    ref.add_argument("--write", metavar="FILE", help="replace the table between the config-reference markers in FILE")
     ns = parser.parse_args(argv)
     if ns.action == "reference":
+        if ns.write:
+            with open(ns.write) as f:
+                text = f.read()
+            try:
+                updated = replace_reference(text, C.reference_table())
+            except ValueError as e:
+                print(f"megalm config: error: {ns.write}: {e}", file=sys.stderr)
+                return 2
+            with open(ns.write, "w") as f:
+                f.write(updated)
+            return 0
         print(C.reference_table())
         return 0
     try:

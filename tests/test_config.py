@@ -203,3 +203,12 @@ def test_cli_version_and_help():
     assert out.startswith("megalm ")
     help_text = subprocess.run([sys.executable, "-m", "megalm.cli", "--help"], capture_output=True, text=True).stdout
     assert "config" in help_text
+
+
+def test_readme_config_reference_is_generated():
+    from megalm.config_cli import replace_reference
+
+    with open(os.path.join(ROOT, "README.md")) as f:
+        text = f.read()
+    assert replace_reference(text, C.reference_table()) == text, \
+        "README's config reference is stale: run `megalm config reference --write README.md`"
