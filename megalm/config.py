@@ -651,10 +651,14 @@ def to_yaml(cfg: Config) -> str:
 
 def reference_table() -> str:
     """Markdown table of every key, its type and default: the README's config reference."""
-    rows = ["| key | type | default |", "|---|---|---|"]
+    import inspect
+    import re
+
+    rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
 
     def walk(cls: type, prefix: str, inst: Any) -> None:
         hints = typing.get_type_hints(cls)
+        notes = dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.+)$", inspect.getsource(cls), re.M))
         for f in dataclasses.fields(cls):
             hint = hints[f.name]
             value = getattr(inst, f.name)
@@ -665,7 +669,8 @@ def reference_table() -> str:
             key = prefix + f.name
             choices = CHOICES.get(key)
             t = " \\| ".join(choices) if choices else t
-            rows.append(f"| `{key}` | {t} | `{json.dumps(value)}` |")
+            note = notes.get(f.name, "").replace("|", "\\|")
+            rows.append(f"| `{key}` | {t} | `{json.dumps(value)}` | {note} |")
 
     walk(Config, "", Config())
     return "\n".join(rows)
