@@ -102,7 +102,8 @@ def cached_arrays(
         # the description goes last: its presence means every array is complete
         write_text_atomic(desc_path, json.dumps({"arrays": list(arrays)}) + "\n" + text + "\n")
         log.info("built index cache %s-* (%s)", stem, ", ".join(arrays))
-        return arrays
+        # hand out the mapped files, like every other rank gets: page cache instead of private copies
+        return _load(paths_for(arrays)) or arrays
 
     dist = _dist()
     if dist is None:

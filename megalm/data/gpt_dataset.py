@@ -221,9 +221,16 @@ class GPTDataset:
         state = dict(self.__dict__)
         for k in ("_tokens", "_ptr", "_len"):
             state.pop(k, None)
+        for k in ("document_index", "sample_index", "shuffle_index"):
+            a = state[k]
+            if isinstance(a, np.memmap) and a.filename:  # cached: reopen by path, don't copy
+                state[k] = ("__npy__", a.filename)
         return state
 
     def __setstate__(self, state: dict) -> None:
+        for k, v in state.items():
+            if isinstance(v, tuple) and len(v) == 2 and v[0] == "__npy__":
+                state[k] = np.load(v[1], mmap_mode="r", allow_pickle=False)
         self.__dict__.update(state)
         self._bind()
 
