@@ -88,11 +88,13 @@ class Summary:
         if self.blank_lines:
             rows.append(f"  skipped {self.blank_lines:,} blank lines")
         for reason, n in sorted(self.dropped.items()):
-            if n:
-                kept = " (kept as a zero-length document, as Megatron-LM does)" if (
-                    reason == "empty" and self._empty_kept) else ""
-                rows.append(f"  {'dropped' if reason != 'empty' or not kept else 'empty'} {n:,} lines: "
-                            f"{REASONS[reason]}{kept}")
+            if not n:
+                continue
+            if reason == "empty" and self._empty_kept:
+                rows.append(f"  {n:,} empty documents: no tokens written; each kept as a zero-length document "
+                            f"entry as Megatron-LM does (--drop-empty omits them)")
+            else:
+                rows.append(f"  dropped {n:,} lines: {REASONS[reason]}")
         return "\n".join(rows)
 
     _empty_kept: bool = True
@@ -361,7 +363,8 @@ def _consume(res: dict, files: Sequence[str], writers: dict, summary: Summary, s
         elif len(summary.examples) == max_reported:
             log.warning("further bad lines are counted but not listed")
         if len(summary.examples) <= max_reported:
-            log.warning("%s:%d: skipped: %s%s", path, line, REASONS[reason], f" ({detail})" if detail else "")
+            log.warning("%s:%d: %s: %s%s", path, line, "empty" if reason == "empty" else "skipped",
+                        REASONS[reason], f" ({detail})" if detail else "")
     keep = None
     n_docs = len(res["line_nos"])
     if opts.drop_empty and res["empty"].any():

@@ -26,12 +26,14 @@ class Progress:
         self.enabled = enabled
         self.interval = 0.2 if self.tty else interval
         self.t0 = time.time()
-        self._last = 0.0
+        self._last = self.t0  # first report after one interval; short runs only print the summary
 
     def update(self, docs: int, raw_bytes: int, pos_bytes: int, force: bool = False) -> None:
         now = time.time()
         if not self.enabled or (not force and now - self._last < self.interval):
             return
+        if force and not self.tty and self._last == self.t0:
+            return  # nothing was reported yet: the caller's summary says it all
         self._last = now
         dt = max(now - self.t0, 1e-9)
         frac = min(pos_bytes / self.total, 1.0)

@@ -211,3 +211,20 @@ def test_cleaning_filters_and_dedup(tmp_path, tokenizer):
     ds = IndexedDataset(out + "_text_document")
     texts = [tokenizer.decode(ds[i][:-1]) for i in range(len(ds))]
     assert texts == ["fine text here", "another doc\n\nend"]
+
+
+def test_progress_bar_on_a_terminal():
+    import io
+
+    from megalm.data.progress import Progress
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    out = Tty()
+    p = Progress(total_bytes=1000, stream=out)
+    p.update(docs=10, raw_bytes=500, pos_bytes=500, force=True)
+    p.close()
+    text = out.getvalue()
+    assert "50.0%" in text and "docs/s" in text and "MB/s" in text and "ETA" in text and text.startswith("\r[")
