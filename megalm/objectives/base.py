@@ -52,6 +52,10 @@ class Objective(abc.ABC):
         """Tokens processed (for tokens/s)."""
         return int(batch["input_ids"].numel())
 
+    def metrics(self, output: Any, targets: tuple[torch.Tensor, ...]) -> dict[str, float]:
+        """Extra per-micro-batch numbers worth logging beside the loss (e.g. MLM and SOP parts)."""
+        return {}
+
     def model_kwargs(self) -> dict:
         """Extra keyword arguments build_model needs for this objective (e.g. a query stream)."""
         return {}

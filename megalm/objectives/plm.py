@@ -1,0 +1,107 @@
+"""Permutation LM (XLNet): a random factorisation order per sample, two-stream attention, partial prediction.
+
+The data-loader side draws each sample's order and turns it into the two
+attention masks (content: keys at or before the query in the order; query
+stream: strictly before), so the model needs no idea of permutations and the
+masks travel through the pipeline like any other input. Only the last
+1/``plm_k`` of each order is predicted, from the query stream.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from megalm.errors import ConfigError
+from megalm.objectives.base import Objective
+
+
+def order_ranks(b: int, s: int, rng: np.random.Generator, span_lengths: np.ndarray | None = None) -> np.ndarray:
+    """int64 [b, s]: each token's place in its sample's factorisation order (a permutation of 0..s-1).
+
+    With ``span_lengths`` ([b, s], length of the span starting at each span
+    index) the order permutes contiguous spans and keeps each span left to
+    right, so a predicted span is predicted from its context, not from itself.
+    """
+    if span_lengths is None:
+        keys = rng.random((b, s))
+        return np.argsort(np.argsort(keys, axis=1), axis=1)
+    ends = np.cumsum(span_lengths, axis=1)
+    first = np.zeros((b, s), dtype=bool)
+    first[:, 0] = True
+    rows = np.broadcast_to(np.arange(b)[:, None], ends.shape)
+    keep = ends < s
+    first[rows[keep], ends[keep]] = True
+    span_id = np.cumsum(first, axis=1) - 1
+    span_key = np.take_along_axis(rng.random((b, s)), span_id, axis=1)
+    pos = np.broadcast_to(np.arange(s), (b, s))
+    order = np.lexsort((pos, span_key), axis=-1)  # by span key, then position
+    return np.argsort(order, axis=1)
+
+
+def two_stream_masks(rank: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(content_mask, query_mask), bool [b, 1, s, s]; True where query i may attend to key j."""
+    before_or_self = rank[:, None, :] <= rank[:, :, None]
+    before = rank[:, None, :] < rank[:, :, None]
+    return before_or_self.unsqueeze(1), before.unsqueeze(1)
+
+
+def num_predicted(seq_length: int, k: int) -> int:
+    """How many tokens (the tail of the order) a sample predicts: 1/K of them, at least one."""
+    return max(1, seq_length // k)
+
+
+class PermutationLM(Objective):
+    """XLNet's objective on the GPT model's two-stream path (``model.arch: gpt``, masks make it bidirectional)."""
+
+    name = "plm"
+    dataset_kind = "gpt"
+
+    def __init__(self, cfg, tokenizer):
+        super().__init__(cfg, tokenizer)
+        if cfg.model.arch != "gpt":
+            raise ConfigError(
+                f"objective.name=plm runs on the two-stream path of model.arch=gpt, got model.arch={cfg.model.arch!r}; "
+                "its attention is set entirely by the permutation masks, so the backbone is bidirectional anyway"
+            )
+        o = cfg.objective
+        if o.plm_span_order and o.max_span_length < 1:
+            raise ConfigError(f"objective.max_span_length must be at least 1, got {o.max_span_length}")
+
+    def collate(self, samples: list[dict], rng: np.random.Generator) -> dict[str, torch.Tensor]:
+        o = self.cfg.objective
+        s = self.cfg.model.seq_length
+        tokens = np.stack([np.asarray(x["tokens"], dtype=np.int64)[:s] for x in samples])
+        b, s = tokens.shape
+        spans = rng.integers(1, o.max_span_length + 1, size=(b, s)) if o.plm_span_order else None
+        rank = torch.from_numpy(order_ranks(b, s, rng, spans))
+        content, query = two_stream_masks(rank)
+        target = rank >= s - num_predicted(s, o.plm_k)
+        return {
+            "input_ids": torch.from_numpy(tokens),
+            "position_ids": torch.arange(s).expand(b, s).contiguous(),
+            "content_mask": content,
+            "query_mask": query,
+            "labels": torch.from_numpy(tokens),
+            "loss_mask": target.to(torch.float32),
+            "order_rank": rank,
+        }
+
+    def inputs(self, batch):
+        ids, pos, content, query = (batch["input_ids"], batch["position_ids"], batch["content_mask"],
+                                    batch["query_mask"])
+        if self.cfg.parallel.pipeline > 1:  # the pipeline's input tuple (model.pipeline.default_inputs)
+            return ids, pos, content, query
+        # GPTModel.forward(input_ids, position_ids, segment_ids, attention_mask, content_mask, query_mask, two_stream)
+        return ids, pos, None, None, content, query, True
+
+    def targets(self, batch):
+        return batch["labels"], batch["loss_mask"]
+
+    def loss(self, output, targets):
+        from megalm.parallel.cross_entropy import vocab_parallel_cross_entropy
+
+        labels, loss_mask = targets
+        per_token = vocab_parallel_cross_entropy(output.float(), labels)
+        mask = loss_mask.to(per_token.dtype)
+        return (per_token * mask).sum() / mask.sum().clamp(min=1.0)
