@@ -143,13 +143,16 @@ class GPTDataset:
     EOD get distinct ids, exactly Megatron's reset semantics) and is -1 on
     padding (only the last sample of a non-dropped partial split is padded).
     Inputs are ``tokens[:-1]``, labels ``tokens[1:]``.
+
+    ``index_split`` is the split's ``(begin, end)`` range of sequence ids (a
+    2-tuple/list or a ``range``), or an int array of explicit sequence ids.
     """
 
     def __init__(
         self,
         prefix_or_indexed: Union[str, IndexedDataset],
         split_name: str,
-        index_split: Union[tuple[int, int], Sequence[int], np.ndarray],
+        index_split: Union[tuple[int, int], range, np.ndarray],
         num_samples: Optional[int],
         seq_length: int,
         seed: int,
@@ -166,7 +169,9 @@ class GPTDataset:
         if seq_length < 2:
             raise DataError(f"seq_length must be at least 2, got {seq_length}")
         self.split_name = split_name
-        if isinstance(index_split, tuple) and len(index_split) == 2:
+        if isinstance(index_split, range) and index_split.step == 1:
+            index_split = (index_split.start, index_split.stop)
+        if isinstance(index_split, (tuple, list)) and len(index_split) == 2:  # [begin, end) of sequences
             lo, hi = int(index_split[0]), int(index_split[1])
             if not 0 <= lo <= hi <= len(self.indexed):
                 raise DataError(f"index_split {index_split} outside [0, {len(self.indexed)}] for {self.indexed.path_prefix}")

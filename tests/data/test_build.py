@@ -79,12 +79,25 @@ def ref_blend(weights, size):
     return di, si
 
 
-@pytest.mark.parametrize("weights", [[0.7, 0.3], [1, 1, 2], [0.2, 0.5, 0.1, 0.2]])
-def test_blending_indices_match_reference(weights):
-    di, si = build_blending_indices(weights, 500)
+@pytest.fixture()
+def fresh_native(tmp_path, monkeypatch):
+    from megalm.data import native
+
+    monkeypatch.setenv("MEGALM_CACHE", str(tmp_path / "native"))
+    monkeypatch.setattr(native, "_tried", False)
+    monkeypatch.setattr(native, "_lib", None)
+    yield native
+
+
+@pytest.mark.parametrize("weights", [[0.7, 0.3], [1, 1, 2], [0.2, 0.5, 0.1, 0.2], [1.0]])
+def test_blending_indices_match_reference(weights, fresh_native):
     rd, rs = ref_blend(weights, 500)
-    assert di.dtype == np.int16 and si.dtype == np.int64
-    assert di.tolist() == rd and si.tolist() == rs
+    for native in (False, True):
+        di, si = build_blending_indices(weights, 500, native=native)
+        assert di.dtype == np.int16 and si.dtype == np.int64
+        assert di.tolist() == rd and si.tolist() == rs
+    if len(weights) > 1 and fresh_native.library() is not None:  # the compiled path really ran
+        assert fresh_native.blend(np.array(weights) / sum(weights), 500)[0].tolist() == rd
 
 
 def test_blend_from_config(tmp_path):
