@@ -167,19 +167,19 @@ def activation_bytes_per_layer(cfg: Config, layout: Layout, element_bytes: int) 
     rep = t if sp else 1  # hidden-size tensors outside the TP regions are split only under SP
     if layout.recompute == "full":
         return s * b * h / rep * element_bytes  # the block's input only
-    # What each norm and its residual branch keep, in units of h (counted on megalm's blocks with
-    # saved-tensor hooks): LayerNorm 3 (its input, statistics and output, which the next matmul saves);
-    # RMSNorm's unfused fp32 path one more; in bf16 also its fp32 upcast (2 bf16-sized units).
+    # Counted on megalm's blocks with saved-tensor hooks (tests/launch/test_plan.py): each norm keeps its
+    # input and its output (which the next matmul saves); RMSNorm's unfused path keeps one more h-sized
+    # tensor in fp32 and its fp32 upcast (two bf16-sized units) in bf16.
     if m.norm == "layernorm":
-        norm_saves = 3.0
+        norm_saves = 2.0
     else:
-        norm_saves = 4.0 if element_bytes == 4 else 5.0
+        norm_saves = 3.0 if element_bytes == 4 else 4.0
     per_token = 0.0
-    per_token += 2 * norm_saves * h / rep  # the two norms (their outputs feed qkv and fc1)
+    per_token += 2 * norm_saves * h / rep  # the two norms
     per_token += (q + 2 * kv) / t  # qkv output (q, k, v views keep it alive)
     if m.position == "rope":
         per_token += (q + kv) / t  # q, k after rotation
-    per_token += 2 * q / t  # the attention kernel's output and its reshaped copy (out-projection input)
+    per_token += q / t  # the attention kernel's output (a view of it feeds the output projection)
     if layout.recompute != "selective" and m.attention_dropout > 0:
         # fused (flash / memory-efficient) kernels keep no s x s scores; with attention dropout the
         # non-fused path keeps the probabilities and a byte mask: what selective recompute saves
@@ -187,8 +187,6 @@ def activation_bytes_per_layer(cfg: Config, layout: Layout, element_bytes: int) 
     per_token += (4 * f if m.activation == "swiglu" else 2 * f) / t  # fc1 out, activation, fc2 input
     if m.hidden_dropout > 0:
         per_token += 2 * (h / rep) / element_bytes  # two byte masks
-    if m.norm_position == "post":
-        per_token += 2 * h / rep  # post-LN: the residual sums feed the norms
     return s * b * per_token * element_bytes
 
 
@@ -202,7 +200,9 @@ def activation_bytes(cfg: Config, layout: Layout, element_bytes: int, grad_accum
     one_block = activation_bytes_per_layer(cfg, dataclasses.replace(layout, recompute="none"), element_bytes)
     if layout.recompute == "full":  # backward re-runs one block at a time with everything saved
         total += one_block
-    total += one_block  # backward's workspace: the gradients flowing through one block (measured on CPU)
+    # backward's workspace: the gradients flowing through one block; fp32-sized in bf16/fp16 runs, whose
+    # norms compute their backward in fp32 (measured on CPU)
+    total += one_block * 4 / element_bytes
     s, b, h = m.seq_length, layout.micro_batch, m.hidden_size
     total += s * b * h * element_bytes * 2 * in_flight  # embedding output, final norm
     return total
@@ -225,11 +225,13 @@ def estimate(cfg: Config, layout: Layout, vocab_size: Optional[int] = None, over
     n = params_per_gpu(cfg, layout, vocab_size)
     dp, z = layout.dp, layout.zero
     weights = n * e / (dp if z >= 3 else 1)
-    grads = n * e / (dp if z >= 2 else 1)
-    # Adam m and v in fp32; mixed precision adds the fp32 master weights and the fp32 gradient DeepSpeed's
-    # optimizer steps on; torch's AdamW step builds one fp32 temporary per parameter (its denominator).
-    # ZeRO-1 and up partition all of it over the data-parallel ranks.
-    opt_per_param = 8 + (8 if mixed else 0) + 4
+    # Mixed precision: DeepSpeed also accumulates gradients in fp32 (its bf16 default), 4 more bytes.
+    grads = n * (e + (4 if mixed else 0)) / (dp if z >= 2 else 1)
+    # Adam m and v in fp32; mixed precision adds the fp32 master weights and the fp32 gradient partition
+    # the optimizer steps on. torch's AdamW step builds fp32 temporaries: one per parameter in fp32 runs,
+    # two with mixed precision (measured on CPU, tests/launch/test_plan.py). ZeRO-1 and up partition all of
+    # it over the data-parallel ranks.
+    opt_per_param = 8 + (8 + 8 if mixed else 4)
     optimizer = n * opt_per_param / (dp if z >= 1 else 1)
     if cfg.zero.offload_optimizer and z >= 1:
         optimizer = 0.0
