@@ -74,7 +74,10 @@ def cached_arrays(
     text, md5 = description_hash(description)
     if not cache_dir:
         return build()
-    os.makedirs(cache_dir, exist_ok=True)
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+    except OSError as e:
+        log.warning("index cache dir %s unusable (%s); building in memory", cache_dir, e)
     stem = os.path.join(cache_dir, f"{md5}-{base}")
     desc_path = f"{stem}-description.txt"
 
@@ -97,10 +100,14 @@ def cached_arrays(
 
     def build_and_save() -> dict[str, np.ndarray]:
         arrays = build()
-        for k, p in paths_for(arrays).items():
-            save_atomic(p, arrays[k])
-        # the description goes last: its presence means every array is complete
-        write_text_atomic(desc_path, json.dumps({"arrays": list(arrays)}) + "\n" + text + "\n")
+        try:
+            for k, p in paths_for(arrays).items():
+                save_atomic(p, arrays[k])
+            # the description goes last: its presence means every array is complete
+            write_text_atomic(desc_path, json.dumps({"arrays": list(arrays)}) + "\n" + text + "\n")
+        except OSError as e:  # read-only or full filesystem: train on, just without a cache
+            log.warning("could not write index cache %s-* (%s); using the indices from memory", stem, e)
+            return arrays
         log.info("built index cache %s-* (%s)", stem, ", ".join(arrays))
         # hand out the mapped files, like every other rank gets: page cache instead of private copies
         return _load(paths_for(arrays)) or arrays

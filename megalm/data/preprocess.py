@@ -411,6 +411,11 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("runtime")
     g.add_argument("--workers", type=int, default=1, help="encoding processes (0 = in this process)")
     g.add_argument("--chunk-mb", type=float, default=1.0, help="input read per task, in MB")
+    g.add_argument("--partitions", type=int, default=1,
+                   help="accepted for Megatron-LM compatibility; output and order are the same for any value "
+                        "(parallelism comes from --workers; merge separately made shards with merge-datasets)")
+    g.add_argument("--keep-sequential-samples", action="store_true",
+                   help="accepted for Megatron-LM compatibility; input order is always kept")
     g.add_argument("--strict", action="store_true", help="stop at the first bad line instead of skipping it")
     g.add_argument("--max-reported", type=int, default=20, help="bad lines listed individually")
     g.add_argument("--no-progress", action="store_true")

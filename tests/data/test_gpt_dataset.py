@@ -230,3 +230,13 @@ def test_pickles_without_copying_the_data(tmp_path):
     assert len(blob) < 60_000  # indices are small here; the token file must not travel
     copy = pickle.loads(blob)
     assert all((copy[i]["tokens"] == ds[i]["tokens"]).all() for i in range(len(ds)))
+
+
+def test_unwritable_cache_dir_builds_in_memory(tmp_path):
+    prefix = str(tmp_path / "d")
+    write_dataset(prefix, [[5] * 20 + [3]] * 30)
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    ds = GPTDataset(prefix, "train", (0, 30), 40, 16, 1, str(blocker / "cache"), eod_id=3)
+    ref = GPTDataset(prefix, "train", (0, 30), 40, 16, 1, None, eod_id=3)
+    np.testing.assert_array_equal(ds.sample_index, ref.sample_index)
