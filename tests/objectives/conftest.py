@@ -34,6 +34,18 @@ class ToyTokenizer:
         return (ids < 7) | (ids % 3 != 0)
 
 
+class EmbeddingTap:
+    """Replaces the word-embedding output by a leaf tensor, so d(loss)/d(input embedding) is readable."""
+
+    def __init__(self, model):
+        self.leaf = None
+        model.embedding.word.register_forward_hook(self._hook)
+
+    def _hook(self, module, inputs, output):
+        self.leaf = output.detach().requires_grad_(True)
+        return self.leaf
+
+
 @pytest.fixture()
 def toy_tokenizer() -> ToyTokenizer:
     return ToyTokenizer()

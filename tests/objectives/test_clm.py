@@ -1,0 +1,50 @@
+"""CLM: the loss at position i has zero gradient w.r.t. input tokens after i (and, with reset_attention_mask,
+w.r.t. earlier documents)."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megalm import config as C
+from megalm.objectives import build_objective
+from tests.objectives.conftest import EmbeddingTap, ToyTokenizer
+
+SEQ = 16
+
+
+def clm_cfg(**objective) -> C.Config:
+    return C.from_dict({
+        "model": {"arch": "gpt", "num_layers": 2, "hidden_size": 32, "num_heads": 4, "seq_length": SEQ,
+                  "position": "rope", "norm": "rmsnorm", "activation": "swiglu", "tie_embeddings": False,
+                  "hidden_dropout": 0.0, "attention_dropout": 0.0, "make_vocab_size_divisible_by": 8},
+        "objective": {"name": "clm", **objective},
+        "train": {"seed": 5},
+    })
+
+
+@pytest.mark.parametrize("reset", [False, True])
+def test_clm_loss_at_i_sees_only_tokens_up_to_i(reset):
+    from megalm.model import build_model
+
+    tok = ToyTokenizer()
+    cfg = clm_cfg(reset_attention_mask=reset, reset_position_ids=reset)
+    obj = build_objective(cfg, tok)
+    tokens = np.random.default_rng(0).integers(7, tok.vocab_size, size=(2, SEQ + 1))
+    tokens[:, 6] = tok.eod  # a document boundary: the second document starts at position 7
+    batch = obj.collate([{"tokens": t} for t in tokens], np.random.default_rng(1))
+    torch.manual_seed(0)
+    model = build_model(cfg, tok.vocab_size)
+    tap = EmbeddingTap(model)
+    logits = model(*obj.inputs(batch))
+    pos = torch.arange(SEQ)
+    for i in range(SEQ):
+        loss_i = F.cross_entropy(logits[0, i, :tok.vocab_size][None], batch["labels"][0, i][None])
+        (grad,) = torch.autograd.grad(loss_i, tap.leaf, retain_graph=True)
+        norm = grad[0].norm(dim=-1)
+        seen = pos <= i
+        if reset and i >= 7:
+            seen &= pos >= 7
+        assert (norm[~seen] == 0).all(), f"position {i} sees a later token (or another document)"
+        assert (norm[seen] > 1e-9).all(), f"position {i} misses a token it should see"
+        assert (grad[1] == 0).all()

@@ -1,0 +1,98 @@
+"""End to end through megalm/pretrain.py on the KJV excerpt: each objective's loss falls; layouts match the
+single-process reference; a user's objective class trains by ``objective.name: module:Class``."""
+
+import math
+import os
+
+import pytest
+
+from megalm import config as C
+from megalm.errors import ConfigError
+from megalm.objectives import objective_class
+from tests.training.conftest import ROOT, losses, run_pretrain
+
+BERT = ["model.arch=bert", "model.position=learned", "model.norm=layernorm", "model.norm_position=post",
+        "model.activation=gelu", "model.bias=true", "objective.name=mlm", "objective.binary_head=sop"]
+PLM = ["objective.name=plm", "model.norm=layernorm", "model.activation=gelu", "model.tie_embeddings=true"]
+# Short "does it learn" runs: 2 layers, hidden 64, 60 steps, no gradient accumulation.
+LEARN = ["model.num_layers=2", "model.seq_length=64", "train.iters=60", "train.micro_batch_size=8",
+         "train.log_interval=10", "optim.lr=3e-3", "optim.warmup_iters=5"]
+
+
+def assert_falls(records, drop: float, below: float):
+    got = losses(records)
+    assert len(got) == 6, got
+    assert got[-1] < got[0] - drop, f"loss should fall by {drop}: {got}"
+    assert got[-1] < below, f"loss should end below {below}: {got}"
+
+
+def test_mlm_loss_falls(bert_data, tmp_path):
+    _, records, _ = run_pretrain(bert_data, tmp_path, overrides=BERT + LEARN)
+    # MLM + SOP; ln(600) + ln(2) = 7.09 is chance
+    assert_falls(records, drop=0.5, below=6.4)
+
+
+def test_plm_loss_falls(tiny_data, tmp_path):
+    _, records, _ = run_pretrain(tiny_data, tmp_path, overrides=PLM + LEARN + ["objective.plm_span_order=true"])
+    assert_falls(records, drop=0.5, below=math.log(600) - 0.6)
+
+
+@pytest.fixture(scope="module")
+def plm_reference(tiny_data, tmp_path_factory):
+    _, records, _ = run_pretrain(tiny_data, tmp_path_factory.mktemp("plm_ref"), overrides=PLM)
+    assert len(losses(records)) == 10
+    return records
+
+
+@pytest.fixture(scope="module")
+def mlm_reference(bert_data, tmp_path_factory):
+    _, records, _ = run_pretrain(bert_data, tmp_path_factory.mktemp("mlm_ref"), overrides=BERT)
+    assert len(losses(records)) == 10
+    return records
+
+
+def assert_matches(name, records, reference):
+    got, ref = losses(records), losses(reference)
+    assert len(got) == len(ref)
+    for step, (a, b) in enumerate(zip(got, ref), 1):
+        assert abs(a - b) <= 1e-4 * abs(b), f"{name}: step {step} loss {a} vs reference {b}\n{got}\n{ref}"
+    gn_got = [r["grad_norm"] for r in records if "grad_norm" in r]
+    gn_ref = [r["grad_norm"] for r in reference if "grad_norm" in r]
+    for a, b in zip(gn_got, gn_ref):
+        assert abs(a - b) <= 1e-3 * abs(b), f"{name}: grad norm {gn_got} vs reference {gn_ref}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["parallel.tensor=2", "parallel.pipeline=2"])
+def test_plm_layout_matches_reference(layout, plm_reference, tiny_data, tmp_path):
+    _, records, _ = run_pretrain(tiny_data, tmp_path, nproc=2, overrides=PLM + [layout])
+    assert_matches(layout, records, plm_reference)
+
+
+@pytest.mark.slow
+def test_mlm_tp2_matches_reference(mlm_reference, bert_data, tmp_path):
+    _, records, _ = run_pretrain(bert_data, tmp_path, nproc=2, overrides=BERT + ["parallel.tensor=2"])
+    assert_matches("mlm tp2", records, mlm_reference)
+
+
+def test_user_objective_trains_by_module_and_class(tiny_data, tmp_path, monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    marker = tmp_path / "marker.txt"
+    name = "tests.objectives.user_objective:SkipAheadLM"
+    _, records, _ = run_pretrain(tiny_data, tmp_path / "run", overrides=[
+        f"objective.name={name}", "objective.options.shift=3", f"objective.options.marker={marker}",
+        "model.num_layers=2", "train.iters=20", "train.log_interval=5"])
+    assert marker.read_text() == "skip_ahead shift=3\n"  # one rank, one objective
+    got = losses(records)
+    assert len(got) == 4 and got[-1] < got[0] - 0.3, got
+
+
+def test_bad_objective_names_are_config_errors():
+    with pytest.raises(ConfigError, match="neither a built-in"):
+        objective_class("xlnet")
+    with pytest.raises(ConfigError, match="cannot import module"):
+        objective_class("tests.objectives.no_such_module:X")
+    with pytest.raises(ConfigError, match="not an Objective subclass"):
+        objective_class("tests.objectives.user_objective:np")
+    assert objective_class("tests.objectives.user_objective:SkipAheadLM").name == "skip_ahead"
+    assert C.from_dict({"objective": {"name": "mlm"}}).objective.mask_prob == 0.15
