@@ -72,13 +72,32 @@ def hf_class_of(hf: dict, model_dir: str) -> str:
     return cls
 
 
-def import_hf(model_dir: str, output: str, overrides: Optional[list] = None, step: int = 0) -> str:
+# the activation megalm computes for each class, and config.json's key for it
+_ACTIVATION = {"LlamaForCausalLM": ("hidden_act", "silu"), "GPT2LMHeadModel": ("activation_function", "gelu"),
+               "BertForPreTraining": ("hidden_act", "gelu")}
+
+
+def check_activation(hf: dict, cls: str, model_dir: str, approximate: bool) -> None:
+    """megalm has exact GELU and SiLU only: refuse e.g. GPT-2's tanh "gelu_new" unless told to approximate."""
+    key, want = _ACTIVATION[cls]
+    have = hf.get(key, "gelu_new" if cls == "GPT2LMHeadModel" else want)
+    if have == want:
+        return
+    if not approximate:
+        raise ConfigError(f"{model_dir}/config.json has {key}={have!r}; megalm computes {want!r}, so the imported "
+                          f"model would differ (pass --approximate-activation to continue pretraining with {want!r})")
+    log.warning("%s: %s=%r replaced by megalm's %r (logits will differ slightly)", model_dir, key, have, want)
+
+
+def import_hf(model_dir: str, output: str, overrides: Optional[list] = None, step: int = 0,
+              approximate_activation: bool = False) -> str:
     """Write a megalm checkpoint under ``output`` from ``model_dir``; returns the step directory."""
     from megalm.hf import mapping
     from megalm.training.universal import write_checkpoint
 
     hf = read_hf_config(model_dir)
     cls = hf_class_of(hf, model_dir)
+    check_activation(hf, cls, model_dir, approximate_activation)
     raw: dict = {}
     info_path = os.path.join(model_dir, "megalm_export.json")
     if os.path.isfile(info_path):  # our own export: keep its training config (objective, init, seed, ...)
@@ -133,9 +152,11 @@ def main(argv: Optional[list] = None) -> int:
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="config overrides, e.g. parallel.tensor=2 parallel.pipeline=2 model.seq_length=1024")
     p.add_argument("--step", type=int, default=0, help="step number to record (default 0)")
+    p.add_argument("--approximate-activation", action="store_true",
+                   help="import even if the HF activation (e.g. GPT-2's gelu_new) is not exactly megalm's")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    step_dir = import_hf(args.model, args.output, args.set, args.step)
+    step_dir = import_hf(args.model, args.output, args.set, args.step, args.approximate_activation)
     print(f"wrote {step_dir}")
     return 0
 
