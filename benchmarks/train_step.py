@@ -42,6 +42,11 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--compare-hf", action="store_true", help="also time HF LlamaForCausalLM (needs rope/rmsnorm/swiglu)")
     p.add_argument("--profile", action="store_true", help="print the torch profiler's top ops for one of our steps")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--no-fused", dest="fused", action="store_false",
+                   help="plain eager ops instead of megalm's fused kernels (torch.compile of norm, activation, "
+                        "RoPE and loss; compiled once during warm-up)")
+    p.add_argument("--cpu-time", action="store_true",
+                   help="time by process CPU time instead of wall clock (steadier on a shared machine)")
     p.add_argument("--json", action="store_true", help="print one JSON line")
     return p.parse_args(argv)
 
@@ -93,13 +98,14 @@ def hf(a: argparse.Namespace, dtype: torch.dtype) -> tuple:
     return model, step
 
 
-def timed(step: Callable, ids: torch.Tensor, labels: torch.Tensor, warmup: int, steps: int) -> float:
+def timed(step: Callable, ids: torch.Tensor, labels: torch.Tensor, warmup: int, steps: int,
+          clock: Callable = time.perf_counter) -> float:
     for _ in range(warmup):
         step(ids, labels)
-    t = time.perf_counter()
+    t = clock()
     for _ in range(steps):
         step(ids, labels)
-    return time.perf_counter() - t
+    return clock() - t
 
 
 def flops_per_token(model: torch.nn.Module, a: argparse.Namespace) -> float:
@@ -113,6 +119,11 @@ def main(argv=None) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
+    if a.fused:
+        from megalm.parallel import fused
+
+        fused.enable()
+    clock = time.process_time if a.cpu_time else time.perf_counter
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, a.vocab, (a.batch, a.seq), generator=g)
     labels = torch.randint(0, a.vocab, (a.batch, a.seq), generator=g)
@@ -139,7 +150,7 @@ def main(argv=None) -> int:
     elapsed = {name: 0.0 for name, _ in runners}
     for r in range(a.rounds):
         for name, run in runners:
-            elapsed[name] += timed(run, ids, labels, a.warmup if r == 0 else 1, a.steps)
+            elapsed[name] += timed(run, ids, labels, a.warmup if r == 0 else 1, a.steps, clock)
     n_steps = a.steps * a.rounds
     tps = tokens * n_steps / elapsed["megalm"]
     result = {"tokens_per_sec": round(tps, 1), "tflops": round(tps * flops_per_token(model, a) / 1e12, 4),

@@ -7,6 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from megalm.config import ModelConfig
+from megalm.parallel.fused import fusable
 from megalm.parallel.layers import ColumnParallelLinear, RowParallelLinear, param_seed
 
 
@@ -25,9 +26,15 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.fc1(x)
-        if self.swiglu:
-            gate, up = h.chunk(2, dim=-1)
-            h = F.silu(gate) * up
-        else:
-            h = F.gelu(h)
-        return self.fc2(h)
+        return self.fc2(_swiglu(h) if self.swiglu else _gelu(h))
+
+
+@fusable
+def _swiglu(h: torch.Tensor) -> torch.Tensor:
+    gate, up = h.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+@fusable
+def _gelu(h: torch.Tensor) -> torch.Tensor:
+    return F.gelu(h)

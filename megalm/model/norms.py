@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from megalm.config import ModelConfig
+from megalm.parallel.fused import fusable
 from megalm.parallel.layers import mark_sequence_parallel
 from megalm.parallel.mappings import copy_to_tensor_region
 
@@ -49,10 +50,14 @@ class RMSNorm(_Norm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w, _ = self._params()
-        if x.dtype == torch.float32:
-            return F.rms_norm(x, (x.size(-1),), w, self.eps)
-        y = F.rms_norm(x.float(), (x.size(-1),), None, self.eps).to(x.dtype)
-        return y * w
+        return _rms_norm(x, w, self.eps)
+
+
+@fusable
+def _rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, (x.size(-1),), w, eps)
+    return F.rms_norm(x.float(), (x.size(-1),), None, eps).to(x.dtype) * w
 
 
 def make_norm(m: ModelConfig, sequence_parallel: bool = False) -> nn.Module:

@@ -10,6 +10,8 @@ import math
 
 import torch
 
+from megalm.parallel.fused import fusable
+
 
 def sinusoidal_table(positions: int, dim: int) -> torch.Tensor:
     pos = torch.arange(positions, dtype=torch.float32).unsqueeze(1)
@@ -28,6 +30,7 @@ def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, base: float, dtype: 
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
+@fusable
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x: [b, heads, s, d]."""
     half = x.size(-1) // 2
