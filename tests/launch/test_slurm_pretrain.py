@@ -17,7 +17,7 @@ from tests.launch.slurm_jobs import job_log, read_metrics, submit, wait_for
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
-ITERS = 16
+ITERS = 40  # long enough that USR1 lands mid-run even on a fast machine
 CPU_ENV = {"MEGALM_CONFIG": "configs/gpt_tiny.yaml"}  # gpt_1b's shape does not fit a CPU test
 
 
@@ -31,7 +31,7 @@ def reference(slurm_cluster, tiny_data, launch_env, tmp_path_factory):
     work = tmp_path_factory.mktemp("slurm_ref")
     run_dir = str(work / "run")
     job = submit(slurm_cluster, "pretrain_gpt_1b.sh", str(work), dict(launch_env, **CPU_ENV),
-                 tiny_overrides(tiny_data, run_dir, ITERS, **{"checkpoint.interval": 5}))
+                 tiny_overrides(tiny_data, run_dir, ITERS, **{"checkpoint.interval": 10}))
     info = wait_for(slurm_cluster, job, ("COMPLETED",), 120, str(work))
     return {"info": info, "run_dir": run_dir, "log": job_log(str(work), job), "losses": _train_losses(run_dir)}
 
@@ -50,7 +50,7 @@ def test_two_nodes_train_checkpoint_and_exit_0(reference):
 def test_usr1_requeue_resumes_to_the_same_loss(slurm_cluster, reference, tiny_data, launch_env, tmp_path):
     run_dir = str(tmp_path / "run")
     job = submit(slurm_cluster, "pretrain_gpt_1b.sh", str(tmp_path), dict(launch_env, **CPU_ENV),
-                 tiny_overrides(tiny_data, run_dir, ITERS, **{"checkpoint.interval": 5}))
+                 tiny_overrides(tiny_data, run_dir, ITERS, **{"checkpoint.interval": 10}))
     deadline = time.monotonic() + 90
     while max(_train_losses(run_dir), default=0) < 3:  # mid-run: training has really started
         assert time.monotonic() < deadline, job_log(str(tmp_path), job)
