@@ -22,11 +22,11 @@ from megalm.errors import CheckpointError, ConfigError
 log = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-PLM_ENCODER = "EsmModel"
+PLM_ENCODER, PLM_ENCODER_SWIGLU = "EsmModel", "GemmaModel"
 EXPORT_INFO = "megalm_export.json"
 # HF class -> model_type for AutoConfig.for_model
 MODEL_TYPES = {"LlamaForCausalLM": "llama", "GPT2LMHeadModel": "gpt2", "BertForPreTraining": "bert",
-               PLM_ENCODER: "esm"}
+               PLM_ENCODER: "esm", PLM_ENCODER_SWIGLU: "gemma"}
 
 
 def tokenizer_path(step_dir: str, cfg: Config) -> Optional[str]:
@@ -42,7 +42,64 @@ def tokenizer_path(step_dir: str, cfg: Config) -> Optional[str]:
 # ---------------------------------------------------------------- PLM backbone -> ESM encoder
 
 def plm_to_hf(weights: dict, cfg: Config, vocab_size: int) -> tuple:
-    """The PLM backbone (content stream, full attention) as an ``EsmModel``: (state, config kwargs, class).
+    """The PLM backbone (content stream, full attention) as an HF encoder: (state, config kwargs, class).
+
+    LayerNorm + GELU backbones become ``EsmModel``, RMSNorm + SwiGLU ones a bidirectional ``GemmaModel``.
+    """
+    m = cfg.model
+    if m.norm == "rmsnorm" and m.activation == "swiglu":
+        return _plm_to_gemma(weights, cfg, vocab_size)
+    return _plm_to_esm(weights, cfg, vocab_size)
+
+
+def _final_norm(weights: dict) -> str:
+    final = "final_norm" if "final_norm.weight" in weights else "head.final_norm"
+    if final + ".weight" not in weights:
+        raise ConfigError("the PLM checkpoint has no final norm (final_norm / head.final_norm): cannot export the "
+                          "content stream")
+    return final
+
+
+def _plm_to_gemma(weights: dict, cfg: Config, vocab_size: int) -> tuple:
+    """Gemma with ``use_bidirectional_attention`` is megalm's RoPE/RMSNorm/SwiGLU pre-LN block without a mask.
+
+    Gemma scales its RMSNorm by (1 + w) and its input embeddings by sqrt(hidden): the stored weights are
+    w - 1 and E / sqrt(hidden), so the encoder computes the same function (to float rounding).
+    """
+    m = cfg.model
+    cls = PLM_ENCODER_SWIGLU
+    for key, value in dict(position="rope", norm_position="pre", bias=False).items():
+        if getattr(m, key) != value:
+            raise ConfigError(f"the PLM encoder export ({cls}) cannot represent model.{key}={getattr(m, key)!r} "
+                              f"exactly (it needs {value!r})")
+    if m.num_token_types:
+        raise ConfigError(f"{cls} has no token-type embeddings (model.num_token_types={m.num_token_types})")
+    h, f, d = m.hidden_size, m.ffn_size, m.hidden_size // m.num_heads
+    final = _final_norm(weights)
+    scale = torch.tensor(h ** 0.5, dtype=torch.float32)
+    out = {"embed_tokens.weight": weights["embedding.word.weight"][:vocab_size].float() / scale,
+           "norm.weight": weights[final + ".weight"] - 1.0}
+    for i in range(m.num_layers):
+        s, p = f"layers.{i}.", f"layers.{i}."
+        q, k, v = weights[s + "attention.qkv.weight"].split([m.num_heads * d, m.kv_heads * d, m.kv_heads * d])
+        gate, up = weights[s + "mlp.fc1.weight"].split([f, f])
+        out.update({p + "self_attn.q_proj.weight": q, p + "self_attn.k_proj.weight": k,
+                    p + "self_attn.v_proj.weight": v, p + "self_attn.o_proj.weight": weights[s + "attention.out.weight"],
+                    p + "mlp.gate_proj.weight": gate, p + "mlp.up_proj.weight": up,
+                    p + "mlp.down_proj.weight": weights[s + "mlp.fc2.weight"],
+                    p + "input_layernorm.weight": weights[s + "attn_norm.weight"] - 1.0,
+                    p + "post_attention_layernorm.weight": weights[s + "mlp_norm.weight"] - 1.0})
+    out = {k: v.detach().clone().contiguous() for k, v in out.items()}
+    config = dict(vocab_size=vocab_size, hidden_size=h, intermediate_size=f, num_hidden_layers=m.num_layers,
+                  num_attention_heads=m.num_heads, num_key_value_heads=m.kv_heads, head_dim=d,
+                  hidden_act="silu", hidden_activation="silu", max_position_embeddings=m.max_positions,
+                  rms_norm_eps=m.norm_eps, rope_parameters={"rope_type": "default", "rope_theta": m.rope_base}, attention_bias=False,
+                  attention_dropout=m.attention_dropout, use_bidirectional_attention=True, tie_word_embeddings=True)
+    return out, config, cls
+
+
+def _plm_to_esm(weights: dict, cfg: Config, vocab_size: int) -> tuple:
+    """ESM-2's encoder, for LayerNorm + GELU PLM backbones.
 
     ESM-2's encoder is exactly megalm's pre-LN block with rotate-half RoPE, LayerNorm, GELU and biases,
     plus a final LayerNorm; the query stream, its learned start vector and any heads are training-only.
@@ -57,10 +114,7 @@ def plm_to_hf(weights: dict, cfg: Config, vocab_size: int) -> tuple:
         raise ConfigError(f"{PLM_ENCODER} cannot represent grouped-query attention (model.num_kv_heads={m.kv_heads})")
     if m.num_token_types:
         raise ConfigError(f"{PLM_ENCODER} has no token-type embeddings (model.num_token_types={m.num_token_types})")
-    final = "final_norm" if "final_norm.weight" in weights else "head.final_norm"
-    if final + ".weight" not in weights:
-        raise ConfigError("the PLM checkpoint has no final norm (final_norm / head.final_norm): cannot export the "
-                          "content stream")
+    final = _final_norm(weights)
     h, f, d = m.hidden_size, m.ffn_size, m.hidden_size // m.num_heads
     out = {"embeddings.word_embeddings.weight": weights["embedding.word.weight"][:vocab_size],
            "encoder.emb_layer_norm_after.weight": weights[final + ".weight"],
@@ -129,7 +183,7 @@ def export(checkpoint: str, output: str, step: Optional[int] = None, dtype: str 
         raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     step_dir = resolve_step_dir(checkpoint, step)
     cfg, vocab, weights = read_full_weights(step_dir)
-    if cfg.objective.name == "plm" and hf_class in (None, PLM_ENCODER):
+    if cfg.objective.name == "plm" and hf_class in (None, PLM_ENCODER, PLM_ENCODER_SWIGLU):
         state, kwargs, cls = plm_to_hf(weights, cfg, vocab)
     else:
         if cfg.objective.name == "plm":
@@ -144,7 +198,7 @@ def export(checkpoint: str, output: str, step: Optional[int] = None, dtype: str 
         log.warning("no tokenizer.model in %s and data.tokenizer is unset: exporting the model without tokenizer files",
                     step_dir)
     special = {k: ids[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in ids}
-    if cls == mapping.BERT or cls == PLM_ENCODER:
+    if cls in (mapping.BERT, PLM_ENCODER, PLM_ENCODER_SWIGLU):
         special.pop("bos_token_id", None)
         special.pop("eos_token_id", None)
         if cls == PLM_ENCODER:

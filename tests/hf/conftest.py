@@ -24,6 +24,8 @@ KINDS = {
     "bert": (dict(arch="bert", position="learned", norm="layernorm", activation="gelu", bias=True,
                   norm_position="post"), {"name": "mlm"}),
     "plm": (dict(position="rope", norm="layernorm", activation="gelu", bias=True), {"name": "plm"}),
+    "plm_swiglu": (dict(position="rope", norm="rmsnorm", activation="swiglu", num_kv_heads=2, rope_base=20000.0),
+                   {"name": "plm"}),
 }
 
 

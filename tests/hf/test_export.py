@@ -78,11 +78,12 @@ def megalm_model_bert(ckpt):
     return model.eval(), cfg, vocab
 
 
-def test_plm_backbone_exports_as_encoder_content_stream(exported):
-    """EsmModel's last hidden state x the tied embedding == megalm's content stream under full attention."""
+@pytest.mark.parametrize("kind, cls", [("plm", "EsmModel"), ("plm_swiglu", "GemmaModel")])
+def test_plm_backbone_exports_as_encoder_content_stream(exported, kind, cls):
+    """The encoder's last hidden state x the tied embedding == megalm's content stream under full attention."""
     from megalm.model.gpt import default_position_ids
 
-    ckpt, hf_dir = exported["plm"]
+    ckpt, hf_dir = exported[kind]
     ours, cfg, vocab = megalm_model_bert(ckpt)
     ids = _ids(vocab)
     full = torch.ones(2, 1, ids.size(1), ids.size(1), dtype=torch.bool)
@@ -95,9 +96,15 @@ def test_plm_backbone_exports_as_encoder_content_stream(exported):
         ref = ours.logits(h)[..., :vocab]
         enc = transformers.AutoModel.from_pretrained(hf_dir).eval()
         hidden = enc(input_ids=ids).last_hidden_state
-    assert type(enc).__name__ == "EsmModel"
-    logits = hidden @ enc.get_input_embeddings().weight.T
+    assert type(enc).__name__ == cls
+    emb = enc.get_input_embeddings()
+    table = emb.weight * getattr(emb, "embed_scale", 1.0)  # Gemma stores E / sqrt(hidden)
+    logits = hidden @ table.T
     assert (ref - logits).abs().max().item() < TOL
+    with torch.no_grad():  # bidirectional: the first position sees the last token
+        other = ids.clone()
+        other[:, -1] = (other[:, -1] + 1) % vocab
+        assert (enc(input_ids=other).last_hidden_state[:, 0] - hidden[:, 0]).abs().max() > 1e-4
 
 
 def test_files_sharding_and_generation_config(exported):
