@@ -191,3 +191,14 @@ def test_tokenizer_without_mask_is_refused(toy_tokenizer):
     toy_tokenizer.mask = None
     with pytest.raises(ConfigError, match="<mask>"):
         mlm(toy_tokenizer)
+
+
+def test_inputs_follow_the_pipeline_input_names(toy_tokenizer):
+    from megalm.model.pipeline import default_inputs
+
+    cfg = tiny_bert_cfg()
+    obj = build_objective(cfg, toy_tokenizer)
+    batch = obj.collate(bert_samples(toy_tokenizer, 2, 32, np.random.default_rng(15)), np.random.default_rng(16))
+    names = default_inputs(cfg)
+    assert len(obj.inputs(batch)) == len(names)
+    assert all(t is batch[n] for n, t in zip(names, obj.inputs(batch)))
