@@ -57,7 +57,8 @@ def repad(weights: dict, vocab_size: int, cfg: Config) -> dict:
     return out
 
 
-def load_model(checkpoint: str, step: Optional[int] = None, tensor: int = 1) -> tuple:
+def load_model(checkpoint: str, step: Optional[int] = None, tensor: int = 1,
+               device: Optional[torch.device] = None) -> tuple:
     """(model shard for this TP rank in eval mode, inference cfg, vocab size, tokenizer path or None)."""
     from megalm.hf.export import tokenizer_path
     from megalm.model import build_model
@@ -76,6 +77,8 @@ def load_model(checkpoint: str, step: Optional[int] = None, tensor: int = 1) -> 
     model = build_model(cfg, vocab)
     shard = shard_state_dict(weights, cfg, vocab, state.tensor_rank() if tensor > 1 else 0, tensor)
     model.load_state_dict(shard)
+    if device is not None:
+        model = model.to(device)
     return model.eval(), cfg, vocab, tokenizer_path(step_dir, cfg)
 
 
@@ -157,14 +160,15 @@ def generate(model, prompt_ids: list, max_new_tokens: int, sampling: Sampling = 
     if limit is not None and len(prompt_ids) + max_new_tokens > limit:
         raise ConfigError(f"prompt ({len(prompt_ids)}) + --max-new-tokens ({max_new_tokens}) exceeds "
                           f"model.max_position_embeddings={limit} of this learned-position model")
-    gen = torch.Generator().manual_seed(sampling.seed)
+    device = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(sampling.seed)  # sampling runs on the CPU: same draws on any device
     cache: list = [None] * len(model.layers)
-    ids = torch.tensor([prompt_ids], dtype=torch.long)
+    ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)
     out = list(prompt_ids)
     start = 0
     for _ in range(max_new_tokens):
-        logits = forward_step(model, ids, start, cache)
-        nxt = pick(logits, sampling, gen)
+        logits = forward_step(model, ids, start, cache).cpu()
+        nxt = pick(logits, sampling, gen).to(device)
         if state.tensor_size() > 1:
             import torch.distributed as dist
 
@@ -183,6 +187,8 @@ def generate(model, prompt_ids: list, max_new_tokens: int, sampling: Sampling = 
 def _init_distributed() -> int:
     """World size under torchrun (process group started), else 1."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if world > 1:
         import torch.distributed as dist
 
@@ -216,7 +222,8 @@ def main(argv: Optional[list] = None) -> int:
                         top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     world = _init_distributed()
     try:
-        model, cfg, vocab, tok_path = load_model(args.checkpoint, args.step, tensor=world)
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+        model, cfg, vocab, tok_path = load_model(args.checkpoint, args.step, tensor=world, device=device)
         if tok_path is None:
             raise ConfigError(f"{args.checkpoint} carries no tokenizer.model and data.tokenizer is unset")
         from megalm.data.tokenizer import Tokenizer
