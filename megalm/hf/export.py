@@ -84,7 +84,8 @@ def _plm_to_gemma(weights: dict, cfg: Config, vocab_size: int) -> tuple:
         q, k, v = weights[s + "attention.qkv.weight"].split([m.num_heads * d, m.kv_heads * d, m.kv_heads * d])
         gate, up = weights[s + "mlp.fc1.weight"].split([f, f])
         out.update({p + "self_attn.q_proj.weight": q, p + "self_attn.k_proj.weight": k,
-                    p + "self_attn.v_proj.weight": v, p + "self_attn.o_proj.weight": weights[s + "attention.out.weight"],
+                    p + "self_attn.v_proj.weight": v,
+                    p + "self_attn.o_proj.weight": weights[s + "attention.out.weight"],
                     p + "mlp.gate_proj.weight": gate, p + "mlp.up_proj.weight": up,
                     p + "mlp.down_proj.weight": weights[s + "mlp.fc2.weight"],
                     p + "input_layernorm.weight": weights[s + "attn_norm.weight"] - 1.0,
@@ -93,8 +94,8 @@ def _plm_to_gemma(weights: dict, cfg: Config, vocab_size: int) -> tuple:
     config = dict(vocab_size=vocab_size, hidden_size=h, intermediate_size=f, num_hidden_layers=m.num_layers,
                   num_attention_heads=m.num_heads, num_key_value_heads=m.kv_heads, head_dim=d,
                   hidden_act="silu", hidden_activation="silu", max_position_embeddings=m.max_positions,
-                  rms_norm_eps=m.norm_eps, rope_parameters={"rope_type": "default", "rope_theta": m.rope_base}, attention_bias=False,
-                  attention_dropout=m.attention_dropout, use_bidirectional_attention=True, tie_word_embeddings=True)
+                  rms_norm_eps=m.norm_eps, rope_parameters={"rope_type": "default", "rope_theta": m.rope_base},
+                  attention_bias=False, attention_dropout=m.attention_dropout, use_bidirectional_attention=True, tie_word_embeddings=True)
     return out, config, cls
 
 
@@ -108,8 +109,8 @@ def _plm_to_esm(weights: dict, cfg: Config, vocab_size: int) -> tuple:
     need = dict(position="rope", norm="layernorm", activation="gelu", norm_position="pre")
     for key, value in need.items():
         if getattr(m, key) != value:
-            raise ConfigError(f"the PLM encoder export ({PLM_ENCODER}) cannot represent model.{key}={getattr(m, key)!r} "
-                              f"exactly (it needs {value!r})")
+            raise ConfigError(f"the PLM encoder export ({PLM_ENCODER}) cannot represent "
+                              f"model.{key}={getattr(m, key)!r} exactly (it needs {value!r})")
     if m.kv_heads != m.num_heads:
         raise ConfigError(f"{PLM_ENCODER} cannot represent grouped-query attention (model.num_kv_heads={m.kv_heads})")
     if m.num_token_types:

@@ -118,7 +118,8 @@ def test_trained_round_trip_and_resume(trained, tiny_data, tmp_path):
     ckpt = str(tmp_path / "imported")
     import_hf(hf_dir, ckpt, ["parallel.tensor=2", "parallel.pipeline=2"])
     export(ckpt, str(tmp_path / "again"))
-    a, b = load_file(os.path.join(hf_dir, "model.safetensors")), load_file(str(tmp_path / "again" / "model.safetensors"))
+    a = load_file(os.path.join(hf_dir, "model.safetensors"))
+    b = load_file(str(tmp_path / "again" / "model.safetensors"))
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
     run = tmp_path / "resume"
     _, records, _ = run_pretrain(tiny_data, run, 2, ["parallel.pipeline=2", "train.iters=2",

@@ -20,7 +20,8 @@ EDGE = ["", " ", "  two  spaces", "\n", "\nstarts with a newline", "a\n b\n\n\nc
 
 def _texts(limit: int = 150) -> list:
     """Real documents: the shared corpora when present (held out), always the test fixture."""
-    files = sorted(glob.glob("/work/shared/data/*.jsonl")) + [os.path.join(ROOT, "tests", "fixtures", "kjv_small.jsonl")]
+    fixture = os.path.join(ROOT, "tests", "fixtures", "kjv_small.jsonl")
+    files = sorted(glob.glob("/work/shared/data/*.jsonl")) + [fixture]
     out = []
     for path in files:
         with open(path) as f:
