@@ -40,7 +40,7 @@ NODES = ("megalm-n1", "megalm-n2")
 HOSTS_MARK = "# megalm-test-slurm"
 # A requeued job may start only once its old credential expired (Slurm holds it back that long; forcing
 # it earlier fails with "Job credential revoked"). Default 120 s; short here so the requeue test is quick.
-CRED_EXPIRE = 10
+CRED_EXPIRE = 5  # Slurm's minimum
 REGISTRY = "/tmp/megalm-slurm-clusters"  # one file per running test cluster: who still needs HOSTS_MARK
 GPUS_PER_NODE = 8  # fake: dummy files, so the scripts' --gpus-per-node=8 header is honoured as written
 
