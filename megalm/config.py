@@ -497,7 +497,13 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
     if z.offload_params:
         zero["offload_param"] = {"device": "cpu", "pin_memory": False}
     ls = cfg.loss_scale
+    extra: dict[str, Any] = {}
+    if cfg.objective.name == "plm" and cfg.parallel.pipeline > 1 and cfg.parallel.tensor > 1:
+        # PLM sends two grad-carrying streams (h, g) between stages; DeepSpeed's TP-partitioned
+        # activations/grads carry only the first, so send them whole.
+        extra["pipeline"] = {"pipe_partitioned": False, "grad_partitioned": False}
     return {
+        **extra,
         "train_batch_size": cfg.train.global_batch_size,
         "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
         "gradient_accumulation_steps": cfg.grad_accum_steps(world_size),
