@@ -133,15 +133,13 @@ megalm_srun() {
     bash -c 'export RANK=$SLURM_PROCID WORLD_SIZE=$SLURM_NTASKS LOCAL_RANK=$SLURM_LOCALID; exec "$@"' \
     megalm-task "${container[@]}" "${cmd[@]}" &
   MEGALM_SRUN_PID=$!
-  local rc=0
-  # `wait` returns early (>128) whenever a trapped signal arrives; keep waiting until srun is gone.
-  while :; do
-    rc=0
-    wait "$MEGALM_SRUN_PID" || rc=$?
-    if ! kill -0 "$MEGALM_SRUN_PID" 2>/dev/null; then
-      break
-    fi
+  local pid=$MEGALM_SRUN_PID rc=0
+  # `wait` returns early (>128) whenever a trapped signal arrives; keep waiting until srun is gone,
+  # then ask once more: bash keeps a finished child's status, so this is srun's own exit code.
+  while kill -0 "$pid" 2>/dev/null; do
+    wait "$pid" || true
   done
+  wait "$pid" || rc=$?
   MEGALM_SRUN_PID=""
   return "$rc"
 }
