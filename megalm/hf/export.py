@@ -194,7 +194,7 @@ def export(checkpoint: str, output: str, step: Optional[int] = None, dtype: str 
     tok = tokenizer_path(step_dir, cfg)
     ids: dict = {}
     if tok:
-        ids = save_tokenizer(tok, output, model_max_length=cfg.model.max_positions)
+        ids = save_tokenizer(tok, output, model_max_length=cfg.model.max_positions, bert_pairs=cls == mapping.BERT)
     else:
         log.warning("no tokenizer.model in %s and data.tokenizer is unset: exporting the model without tokenizer files",
                     step_dir)

@@ -109,9 +109,12 @@ def build_tokenizer(model_path: str):
     return tok
 
 
-def save_tokenizer(model_path: str, out_dir: str, model_max_length: Optional[int] = None) -> dict:
+def save_tokenizer(model_path: str, out_dir: str, model_max_length: Optional[int] = None,
+                   bert_pairs: bool = False) -> dict:
     """Write tokenizer.json, tokenizer_config.json, special_tokens_map.json and a copy of the .model.
 
+    ``bert_pairs`` adds megalm's BERT sample layout ("<cls> A <sep> B <sep>", token types 0/1) as the
+    post-processor, so ``tok(a, b)`` feeds a BERT export the way it was trained; without it nothing is added.
     Returns the special-token ids ({"bos_token_id": 2, ...}) for config.json / generation_config.json.
     """
     from megalm.data.tokenizer import BOS, CLS, EOS, MASK, PAD, SEP, UNK, Tokenizer
@@ -119,6 +122,14 @@ def save_tokenizer(model_path: str, out_dir: str, model_max_length: Optional[int
     os.makedirs(out_dir, exist_ok=True)
     sp = Tokenizer(model_path)
     tok = build_tokenizer(model_path)
+    if bert_pairs:
+        if sp.cls is None or sp.sep is None:
+            raise DataError(f"{model_path} has no <cls>/<sep> pieces: cannot add the BERT pair template")
+        from tokenizers.processors import TemplateProcessing
+
+        c, s_ = sp.id_to_piece(sp.cls), sp.id_to_piece(sp.sep)
+        tok.post_processor = TemplateProcessing(single=f"{c} $A {s_}", pair=f"{c} $A {s_} $B:1 {s_}:1",
+                                                special_tokens=[(c, sp.cls), (s_, sp.sep)])
     tok.save(os.path.join(out_dir, "tokenizer.json"))
     shutil.copyfile(model_path, os.path.join(out_dir, "tokenizer.model"))
     names = {"bos_token": (BOS, sp.bos), "eos_token": (EOS, sp.eos), "unk_token": (UNK, sp.unk),
@@ -139,6 +150,8 @@ def save_tokenizer(model_path: str, out_dir: str, model_max_length: Optional[int
         "split_special_tokens": False,
         **special,
     }
+    if bert_pairs:
+        config["model_input_names"] = ["input_ids", "token_type_ids", "attention_mask"]
     with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
         json.dump(config, f, indent=2, ensure_ascii=False)
     with open(os.path.join(out_dir, "special_tokens_map.json"), "w") as f:

@@ -64,6 +64,18 @@ def test_bert_exports_as_pretraining_and_masked_lm(exported):
     assert (mlm[..., :vocab] - out.prediction_logits).abs().max().item() < TOL
     assert (binary - out.seq_relationship_logits).abs().max().item() < TOL
     assert (mlm[..., :vocab] - mout).abs().max().item() < TOL
+    # the tokenizer lays out pairs as megalm's BERT samples: <cls> A <sep> B <sep>, token types 0 / 1
+    from megalm.data.tokenizer import Tokenizer
+
+    sp = Tokenizer(cfg.data.tokenizer)
+    tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    enc = tok("In the beginning", "God created")
+    a, b = sp.encode("In the beginning"), sp.encode("God created")
+    assert enc["input_ids"] == [sp.cls] + a + [sp.sep] + b + [sp.sep]
+    assert enc["token_type_ids"] == [0] * (len(a) + 2) + [1] * (len(b) + 1)
+    assert tok("In the beginning", add_special_tokens=False)["input_ids"] == a
+    fill = transformers.pipeline("fill-mask", model=hf_dir, device="cpu")
+    assert len(fill(f"In the {tok.mask_token} God created", top_k=3)) == 3
 
 
 def megalm_model_bert(ckpt):
