@@ -190,3 +190,19 @@ def test_gpt2_refuses_gqa_and_plm_refuses_swiglu(tmp_path, tok_model):
     with pytest.raises(ConfigError, match="activation"):
         export(make_checkpoint(tmp_path / "b", "plm", tok_model, activation="swiglu"),
                str(tmp_path / "ob"))
+
+
+def test_cli_errors_name_the_problem(exported, tmp_path):
+    import subprocess
+    import sys
+
+    ckpt, _ = exported["gpt2"]
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                          "tools", "convert_to_hf.py")
+    p = subprocess.run([sys.executable, script, "--checkpoint", ckpt, "--step", "7", "--output", str(tmp_path / "o")],
+                       capture_output=True, text=True)
+    assert p.returncode == 2 and "no checkpoint for step 7" in p.stderr and "Traceback" not in p.stderr
+    p = subprocess.run([sys.executable, script, "--checkpoint", ckpt, "--step", "0", "--output", str(tmp_path / "o")],
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert os.path.isfile(tmp_path / "o" / "model.safetensors")
