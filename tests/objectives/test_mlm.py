@@ -202,3 +202,32 @@ def test_inputs_follow_the_pipeline_input_names(toy_tokenizer):
     names = default_inputs(cfg)
     assert len(obj.inputs(batch)) == len(names)
     assert all(t is batch[n] for n, t in zip(names, obj.inputs(batch)))
+
+
+@pytest.mark.parametrize("binary_head", ["sop", "nsp"])
+def test_real_pairs_with_sentencepiece_whole_words(bert_data, tmp_path, binary_head):
+    """BertPairDataset samples + the real tokenizer: specials kept, SentencePiece words masked whole, labels kept."""
+    from megalm.data.bert_dataset import BertPairDataset
+    from megalm.data.tokenizer import Tokenizer
+
+    tok_path, prefix = bert_data
+    tok = Tokenizer(tok_path)
+    ds = BertPairDataset(prefix, "train", (0, 90), 64, 64, 1, str(tmp_path), tok, binary_head=binary_head)
+    obj = mlm(tok, whole_word=True, binary_head=binary_head)
+    samples = [ds[i] for i in range(64)]
+    batch = obj.collate(samples, np.random.default_rng(17))
+    lab, inp, chosen = arrays(batch)
+    specials = np.isin(lab, [tok.cls, tok.sep, tok.pad])
+    assert specials.sum() >= 64 * 3 and not chosen[specials].any() and (inp[specials] == lab[specials]).all()
+    assert abs(chosen.sum() / (batch["padding_mask"].numpy() & ~specials).sum() - 0.15) < 0.03
+    starts = tok.is_word_start(lab) | specials
+    starts[:, 1:] |= specials[:, :-1]
+    words = np.cumsum(starts, axis=1)
+    pieces = 0
+    for r in range(len(lab)):
+        for w in np.unique(words[r][chosen[r]]):
+            assert chosen[r][words[r] == w].all()
+            pieces += (words[r] == w).sum() > 1
+    assert pieces > 10  # some chosen words have several pieces
+    assert torch.equal(batch["binary_labels"], torch.tensor([int(s["is_random"]) for s in samples]))
+    assert 10 < int(batch["binary_labels"].sum()) < 54
