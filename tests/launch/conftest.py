@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 
@@ -52,7 +53,12 @@ def tiny_data(tmp_path_factory) -> dict:
     with open(CORPUS) as f:
         texts = [json.loads(line)["text"] for line in f]
     write_dataset(str(out / "corpus_text_document"), [tok.encode(t) + [tok.eod] for t in texts])
-    return {"prefix": str(out / "corpus_text_document"), "tokenizer": str(out / "spm.model")}
+    # BERT pairs need one sequence per sentence: what `tools/preprocess.py --split-sentences` writes
+    subprocess.run([sys.executable, os.path.join(REPO, "tools", "preprocess.py"), "--input", CORPUS,
+                    "--split-sentences", "--tokenizer-model", str(out / "spm.model"), "--output-prefix",
+                    str(out / "corpus"), "--workers", "1", "--no-progress"], check=True, capture_output=True)
+    return {"prefix": str(out / "corpus_text_document"), "tokenizer": str(out / "spm.model"),
+            "sentence_prefix": str(out / "corpus_text_sentence")}
 
 
 def tiny_overrides(data: dict, run_dir: str, iters: int, **extra) -> list[str]:

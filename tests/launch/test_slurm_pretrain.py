@@ -2,7 +2,7 @@
 
 Two ranks (one per fake node) train a tiny GPT over gloo, checkpoint and exit 0; then the same
 run is preempted with USR1 mid-way, checkpoints, requeues itself, resumes and must end with the
-very same loss as the uninterrupted run.
+very same loss as the uninterrupted run. The BERT and PLM scripts train a few steps the same way.
 """
 
 from __future__ import annotations
@@ -69,3 +69,20 @@ def test_usr1_requeue_resumes_to_the_same_loss(slurm_cluster, reference, tiny_da
     assert sorted(losses) == list(range(1, ITERS + 1))
     # the rerun continued from the checkpoint: every step's loss, the last included, is the uninterrupted run's
     assert losses == reference["losses"]
+
+
+@pytest.mark.parametrize("script,config,data_key", [
+    ("pretrain_bert_base.sh", "configs/bert_tiny.yaml", "sentence_prefix"),
+    ("pretrain_plm_base.sh", "configs/plm_tiny.yaml", "prefix"),
+])
+def test_bert_and_plm_scripts_train_on_two_nodes(slurm_cluster, tiny_data, launch_env, tmp_path, script, config, data_key):
+    run_dir = str(tmp_path / "run")
+    data = dict(tiny_data, prefix=tiny_data[data_key])
+    job = submit(slurm_cluster, script, str(tmp_path), dict(launch_env, MEGALM_CONFIG=config),
+                 tiny_overrides(data, run_dir, 3))
+    info = wait_for(slurm_cluster, job, ("COMPLETED",), 120, str(tmp_path))
+    log = job_log(str(tmp_path), job)
+    assert info["ExitCode"] == "0:0" and info["NodeList"] == "megalm-n[1-2]", log
+    assert "2 rank(s) via" in log
+    assert sorted(_train_losses(run_dir)) == [1, 2, 3]
+    assert os.path.isdir(os.path.join(run_dir, "checkpoints", "step_00000003"))
