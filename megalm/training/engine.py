@@ -8,7 +8,7 @@ pipeline schedule.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -33,6 +33,7 @@ class Engine:
     is_first_stage: bool
     objective: Objective
     guard: NonFiniteGuard
+    last_metrics: dict = field(default_factory=dict)  # the objective's extra numbers of the last step
 
     def loss(self, output: Any, targets: tuple) -> torch.Tensor:
         """The objective's loss, watched for non-finite values (see megalm.training.guard)."""
@@ -97,7 +98,9 @@ def build_engine(cfg: Config, ds_config: dict, vocab_size: int, objective: Objec
             num_stages=pp,
             topology=topo,
             loss_fn=loss_fn,
-            partition_method=cfg.parallel.pipeline_partition,
+            # "uniform": the same number of Transformer blocks per stage (Megatron's split), not of
+            # pipe layers — a 2-block model on 2 stages would otherwise leave the last stage only the head.
+            partition_method="type:BlockPipe" if cfg.parallel.pipeline_partition == "uniform" else "parameters",
             activation_checkpoint_interval=0,  # blocks checkpoint themselves (train.activation_checkpointing)
         )
         ds, *_ = deepspeed.initialize(

@@ -91,15 +91,20 @@ def train_step(engine: Engine, objective: Objective, batches: Iterator[dict], gr
         loss = ds.train_batch(data_iter=feed)
         # The pipeline engine broadcasts the DP-averaged loss from the last stage to all stages.
         return float(loss.item()), feed.tokens or _stage_tokens(objective, grad_accum)
-    losses, tokens = [], 0
+    losses, tokens, extras = [], 0, {}
     for _ in range(grad_accum):
         batch = _to_device(next(batches), device)
         tokens += objective.tokens_in(batch)
         out = ds(*objective.inputs(batch))
-        loss = engine.loss(out, objective.targets(batch))
+        targets = objective.targets(batch)
+        loss = engine.loss(out, targets)
         ds.backward(loss)
         ds.step()
         losses.append(loss.detach())
+        with torch.no_grad():
+            for k, v in objective.metrics(out, targets).items():
+                extras.setdefault(k, []).append(float(v))
+    engine.last_metrics = {k: _dp_mean(torch.tensor(sum(v) / len(v)), engine) for k, v in extras.items()}
     return _dp_mean(torch.stack(losses).mean(), engine), tokens
 
 
@@ -217,6 +222,7 @@ def run(cfg: Config, engine: Engine, objective: Objective, train_batches: Iterat
                     "consumed_samples": consumed_samples,
                     "skipped": getattr(engine.ds, "skipped_steps", 0) - skipped_base,
                     "mem_gb": _memory_gb(device),
+                    **engine.last_metrics,  # the objective's own numbers (last step)
                 }
                 writer.write(rec)
                 done = step - start_step
