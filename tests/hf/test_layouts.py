@@ -83,9 +83,14 @@ def test_greedy_generate_matches_hf(trained, name):
     assert len(out["output_ids"]) == 10 or out["output_ids"][-1] == tok.eos_token_id
 
 
-def test_tensor_parallel_generate_matches_single_rank(trained):
-    ckpt, _ = trained["tp2_pp2"]
-    assert _generate_cli(ckpt, 2) == _generate_cli(ckpt, 1)
+def test_tensor_parallel_generate_matches_hf(trained):
+    """tools/generate.py on 2 ranks (TP=2 under torchrun) from a TP2xPP2 checkpoint: HF's greedy tokens."""
+    ckpt, hf_dir = trained["tp2_pp2"]
+    out = _generate_cli(ckpt, 2)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir).eval()
+    prompt = torch.tensor([out["prompt_ids"]])
+    ref = hf.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=10)
+    assert out["output_ids"] == ref[0, prompt.size(1):].tolist()[:len(out["output_ids"])]
 
 
 def _tp2_logits(rank, world_size, ckpt, ids):
