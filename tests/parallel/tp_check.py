@@ -25,6 +25,7 @@ VARIANTS = {
     "bert": dict(arch="bert", position="learned", norm="layernorm", norm_position="post", activation="gelu",
                  bias=True),
     "plm": dict(arch="gpt", num_heads=8, num_kv_heads=4),
+    "head_mask": dict(arch="gpt", num_heads=8, num_kv_heads=4),
 }
 
 
@@ -52,6 +53,9 @@ def make_batch(variant: str, b: int = 2, s: int = 16) -> dict:
         query = (rank[:, None, :] < rank[:, :, None]).unsqueeze(1)
         return {"kwargs": dict(input_ids=ids, content_mask=content, query_mask=query, two_stream=True),
                 "labels": labels}
+    if variant == "head_mask":  # a different arbitrary mask per head: each TP rank must use its heads' slice
+        mask = torch.rand(b, 8, s, s, generator=g) < 0.6
+        return {"kwargs": dict(input_ids=ids, attention_mask=mask), "labels": labels}
     seg = torch.zeros(b, s, dtype=torch.long)
     seg[:, 9:] = 1
     return {"kwargs": dict(input_ids=ids, segment_ids=seg), "labels": labels}
