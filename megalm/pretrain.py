@@ -55,6 +55,9 @@ def _set_threads() -> None:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
+    from megalm.training.loop import Preemption
+
+    preempt = Preemption()  # first: Slurm may signal while we are still starting up
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if _has_cuda() else "cpu")
     from megalm import distributed
     from megalm.errors import MegalmError
@@ -65,7 +68,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     _set_threads()
     log = logging.getLogger("megalm")
     try:
-        code = _run(args, rank, world, info)
+        code = _run(args, rank, world, info, preempt)
     except MegalmError as e:
         print(f"megalm: error: {e}" if rank == 0 else f"[rank {rank}] megalm: error: {e}", file=sys.stderr)
         distributed.shutdown(barrier=False)
@@ -84,7 +87,7 @@ def _has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def _run(args: argparse.Namespace, rank: int, world: int, info: dict) -> int:
+def _run(args: argparse.Namespace, rank: int, world: int, info: dict, preempt) -> int:
     import dataclasses
 
     import torch
@@ -125,7 +128,7 @@ def _run(args: argparse.Namespace, rank: int, world: int, info: dict) -> int:
     start_step, consumed = checkpointer.load()
     train_batches, valid_batches = build_iterators(cfg, tokenizer, objective, consumed, engine.dp_rank, engine.dp_size)
     return run(cfg, engine, objective, train_batches, valid_batches, checkpointer, start_step, consumed,
-               device(), world, rank)
+               device(), world, rank, preempt)
 
 
 def _write_run_info(cfg, engine, rank: int, world: int) -> None:

@@ -159,15 +159,19 @@ def _memory_gb(device: torch.device) -> Optional[float]:
 
 def run(cfg: Config, engine: Engine, objective: Objective, train_batches: Iterator[dict],
         valid_batches: Optional[Any], checkpointer: Any, start_step: int, consumed_samples: int,
-        device: torch.device, world_size: int, rank: int) -> int:
-    """Train from ``start_step`` to ``train.iters``; return the process exit code."""
+        device: torch.device, world_size: int, rank: int, preempt: Optional[Preemption] = None) -> int:
+    """Train from ``start_step`` to ``train.iters``; return the process exit code.
+
+    ``preempt`` is installed by the entry point as early as possible, so a signal that arrives during
+    start-up is remembered rather than killing the rank.
+    """
     t = cfg.train
     grad_accum = cfg.grad_accum_steps(world_size)
     writer = MetricsWriter(cfg.run.dir, enabled=rank == 0, tensorboard=cfg.run.tensorboard)
     writer.truncate_after(start_step)
     flops_tok = flops_per_token(cfg)
     peak = peak_tflops(cfg)
-    preempt = Preemption()
+    preempt = preempt or Preemption()
     started = time.time()
     timer = Throughput()
     window_loss, window_steps, window_tokens = 0.0, 0, 0
@@ -237,21 +241,26 @@ def run(cfg: Config, engine: Engine, objective: Objective, train_batches: Iterat
                 if rank == 0:
                     logger.info(f"eval at step {step}: loss {eval_loss:.4f} | ppl {rec['eval_ppl']:.2f}")
                 timer.lap()  # eval time is not training throughput
+            saved_at = None
             periodic = cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0
             if periodic and step < t.iters:
                 checkpointer.save(step)
+                saved_at = step
             if preempt.requested():
-                checkpointer.save(step)
+                if saved_at != step:
+                    checkpointer.save(step)
                 if rank == 0:
                     logger.warning(f"preempted at step {step}: checkpoint saved; exiting with {EXIT_PREEMPTED}")
                 return EXIT_PREEMPTED
             if t.exit_interval and step % t.exit_interval == 0 and step < t.iters:
-                checkpointer.save(step)
+                if saved_at != step:
+                    checkpointer.save(step)
                 if rank == 0:
                     logger.info(f"train.exit_interval: checkpoint saved at step {step}; exiting")
                 return 0
             if t.exit_duration_minutes and (time.time() - started) / 60 >= t.exit_duration_minutes:
-                checkpointer.save(step)
+                if saved_at != step:
+                    checkpointer.save(step)
                 if rank == 0:
                     logger.warning(f"train.exit_duration_minutes reached at step {step}: checkpoint saved")
                 return EXIT_PREEMPTED
