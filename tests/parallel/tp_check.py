@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 
 import torch
 import torch.distributed as dist
@@ -118,5 +117,3 @@ def compare_variant(variant: str, tp: int, sp: bool, atol: float = 1e-5) -> dict
         state.destroy()
 
 
-def dataclass_replace(cfg: C.Config, **model) -> C.Config:
-    return cfg.replace(model=dataclasses.replace(cfg.model, **model))
