@@ -9,7 +9,7 @@ recomputes a function with both states rewound, so dropout masks reproduce.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 import torch.utils.checkpoint
@@ -40,18 +40,16 @@ class RNGStatesTracker:
 
     def __init__(self) -> None:
         self.states: dict[str, torch.Tensor] = {}
+        self.device = "cpu"  # the generator the states belong to, fixed when they are seeded
 
-    def reset(self) -> None:
+    def reset(self, device: Optional[str] = None) -> None:
         self.states = {}
+        self.device = device or _device()
 
     def add(self, name: str, seed: int) -> None:
         if name in self.states:
             raise ValueError(f"RNG state {name!r} already exists")
-        dev = _device()
-        saved = _device_state(dev)
-        torch.manual_seed(seed)
-        self.states[name] = _device_state(dev)
-        _set_device_state(dev, saved)
+        self.states[name] = torch.Generator(device=self.device).manual_seed(seed).get_state()
 
     def get_states(self) -> dict[str, torch.Tensor]:
         return {k: v.clone() for k, v in self.states.items()}
@@ -64,7 +62,7 @@ class RNGStatesTracker:
         if name not in self.states:  # not seeded: behave like one rank, use the default stream
             yield
             return
-        dev = _device()
+        dev = self.device
         saved = _device_state(dev)
         _set_device_state(dev, self.states[name])
         try:
@@ -81,17 +79,20 @@ def get_tracker() -> RNGStatesTracker:
     return _TRACKER
 
 
-def model_parallel_seed(seed: int) -> None:
-    """Seed the default generator (same on all TP ranks) and the per-TP-rank tracked state."""
+def model_parallel_seed(seed: int, device: Optional[str] = None) -> None:
+    """Seed the default generator (same on all TP ranks) and the per-TP-rank tracked state.
+
+    ``device`` ("cpu" or "cuda") is where dropout will run; default: cuda once CUDA is initialised.
+    """
     torch.manual_seed(seed)
     if torch.cuda.is_available():
         torch.cuda.manual_seed(seed)
-    _TRACKER.reset()
+    _TRACKER.reset(device)
     _TRACKER.add(MODEL_PARALLEL_RNG, seed + _TP_SEED_OFFSET + state.tensor_rank())
 
 
 def _capture() -> tuple:
-    dev = _device()
+    dev = _TRACKER.device if _TRACKER.states else _device()
     return dev, _device_state(dev), _TRACKER.get_states()
 
 
