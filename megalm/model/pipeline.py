@@ -72,7 +72,13 @@ class EmbeddingPipe(Embedding):
         pos = aux.get("position_ids")
         pos = default_position_ids(ids) if pos is None else pos
         out = super().forward(ids, pos, aux.get("token_type_ids"), two_stream=self.layout.two_stream)
-        return (*((out,) if torch.is_tensor(out) else out), *inputs[1:])
+        out = (out,) if torch.is_tensor(out) else tuple(out)
+        if self.lm_bias is not None:
+            # The tied output bias is used only on the last stage; an exact-zero use here gives it a (zero)
+            # gradient on the first stage too, so DeepSpeed's tied-gradient all-reduce runs on both stages
+            # (it skips None grads, and one-sided collectives deadlock) and both copies stay identical.
+            out = (out[0] + 0.0 * self.lm_bias.sum().to(out[0].dtype), *out[1:])
+        return (*out, *inputs[1:])
 
 
 class BlockPipe(Block):

@@ -79,8 +79,11 @@ def build_engine(cfg: Config, ds_config: dict, vocab_size: int, objective: Objec
     tp, pp = cfg.parallel.tensor, cfg.parallel.pipeline
     world = dist.get_world_size()
     state.initialize(tp, pp)
-    # Same seed on every rank: the model builds full weights from it and takes its TP shard.
-    torch.manual_seed(cfg.train.seed)
+    # Same default seed on every rank (the model builds full weights from it and takes its TP shard) and a
+    # per-TP-rank tracked stream for dropout inside split regions.
+    from megalm.parallel.random import model_parallel_seed
+
+    model_parallel_seed(cfg.train.seed)
     total_iters = cfg.train.iters
     if pp > 1:
         from deepspeed.pipe import PipelineModule

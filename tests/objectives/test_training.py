@@ -75,9 +75,11 @@ def test_plm_layout_matches_reference(layout, plm_reference, tiny_data, tmp_path
 
 
 @pytest.mark.slow
-def test_mlm_tp2_matches_reference(mlm_reference, bert_data, tmp_path):
-    _, records, _ = run_pretrain(bert_data, tmp_path, nproc=2, overrides=BERT + LAYOUT + ["parallel.tensor=2"])
-    assert_matches("mlm tp2", records, mlm_reference)
+@pytest.mark.parametrize("layout", ["parallel.tensor=2", "parallel.pipeline=2"])
+def test_mlm_layout_matches_reference(layout, mlm_reference, bert_data, tmp_path):
+    """PP=2: the tied word embedding + output bias cross stages (the bias's tied all-reduce must run on both)."""
+    _, records, _ = run_pretrain(bert_data, tmp_path, nproc=2, overrides=BERT + LAYOUT + [layout], timeout=240)
+    assert_matches(f"mlm {layout}", records, mlm_reference)
 
 
 def test_user_objective_trains_by_module_and_class(tiny_data, tmp_path, monkeypatch):
