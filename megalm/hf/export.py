@@ -47,6 +47,10 @@ def plm_to_hf(weights: dict, cfg: Config, vocab_size: int) -> tuple:
     LayerNorm + GELU backbones become ``EsmModel``, RMSNorm + SwiGLU ones a bidirectional ``GemmaModel``.
     """
     m = cfg.model
+    left = sorted(k for k in weights if not k.startswith(("layers.", "embedding.word.", "final_norm.",
+                                                           "head.final_norm.")))
+    if left:
+        log.info("PLM encoder export leaves out training-only weights: %s", ", ".join(left))
     if m.norm == "rmsnorm" and m.activation == "swiglu":
         return _plm_to_gemma(weights, cfg, vocab_size)
     return _plm_to_esm(weights, cfg, vocab_size)

@@ -141,3 +141,62 @@ def test_pipeline_offline(trained, monkeypatch):
     pipe = transformers.pipeline("text-generation", model=hf_dir, device="cpu")
     text = pipe(PROMPT, max_new_tokens=4, do_sample=False)[0]["generated_text"]
     assert text.startswith(PROMPT)
+
+
+ENCODER_STYLE = ["model.position=learned", "model.norm=layernorm", "model.activation=gelu", "model.bias=true",
+                 "model.tie_embeddings=true"]
+
+
+@pytest.fixture(scope="module")
+def sentence_data(tiny_data, tmp_path_factory):
+    """(tokenizer, sentence-split dataset prefix) for BERT pairs, from the same fixture corpus."""
+    out = tmp_path_factory.mktemp("sentences")
+    corpus = os.path.join(ROOT, "tests", "fixtures", "kjv_small.jsonl")
+    subprocess.run([sys.executable, "-m", "megalm.cli", "preprocess", "--input", corpus, "--split-sentences",
+                    "--tokenizer-model", tiny_data[0], "--output-prefix", str(out / "kjv"), "--workers", "1",
+                    "--no-progress"], check=True, capture_output=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    return tiny_data[0], str(out / "kjv_text_sentence")
+
+
+def test_trained_bert_pp2_exports_as_bert_for_pretraining(sentence_data, tmp_path):
+    from tests.hf.test_export import megalm_model_bert
+
+    run_pretrain(sentence_data, tmp_path, 2, ["checkpoint.save_at_end=true", "train.iters=2", "objective.name=mlm",
+                                              "model.arch=bert", "model.norm_position=post", "parallel.pipeline=2",
+                                              *ENCODER_STYLE])
+    export(str(tmp_path / "checkpoints"), str(tmp_path / "hf"))
+    ours, cfg, vocab = megalm_model_bert(str(tmp_path / "checkpoints"))
+    hf = transformers.AutoModelForPreTraining.from_pretrained(str(tmp_path / "hf")).eval()
+    assert type(hf).__name__ == "BertForPreTraining"
+    ids = held_out_ids(cfg.data.tokenizer, n=32, batch=2)
+    types = torch.zeros_like(ids)
+    types[:, 16:] = 1
+    with torch.no_grad():
+        mlm, binary = ours(ids, token_type_ids=types)
+        out = hf(input_ids=ids, token_type_ids=types)
+    assert (mlm[..., :vocab] - out.prediction_logits).abs().max().item() < 1e-4
+    assert (binary - out.seq_relationship_logits).abs().max().item() < 1e-4
+
+
+def test_trained_plm_tp2_exports_content_stream(tiny_data, tmp_path):
+    from megalm.model.gpt import default_position_ids
+    from tests.hf.test_export import megalm_model_bert
+
+    run_pretrain(tiny_data, tmp_path, 2, ["checkpoint.save_at_end=true", "train.iters=2", "objective.name=plm",
+                                          "parallel.tensor=2", "model.norm=layernorm", "model.activation=gelu",
+                                          "model.bias=true", "model.tie_embeddings=true"])
+    export(str(tmp_path / "checkpoints"), str(tmp_path / "hf"))
+    ours, cfg, vocab = megalm_model_bert(str(tmp_path / "checkpoints"))
+    enc = transformers.AutoModel.from_pretrained(str(tmp_path / "hf")).eval()
+    assert type(enc).__name__ == "EsmModel"
+    ids = held_out_ids(cfg.data.tokenizer, n=32, batch=2)
+    full = torch.ones(2, 1, 32, 32, dtype=torch.bool)
+    with torch.no_grad():
+        pos = default_position_ids(ids)
+        ctx, _ = ours.contexts(ids, pos, content_mask=full, query_mask=full)
+        h = ours.embedding(ids, pos)
+        for layer in ours.layers:
+            h = layer.step(h, ctx)
+        ref = ours.logits(h)[..., :vocab]
+        logits = enc(input_ids=ids).last_hidden_state @ enc.get_input_embeddings().weight.T
+    assert (ref - logits).abs().max().item() < 1e-4
