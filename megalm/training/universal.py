@@ -101,6 +101,16 @@ def _adam_step(engine: Any) -> int:
     return 0
 
 
+def _relink_optimizer_fragments(engine: Any) -> None:
+    """ZeRO-1/2 and bf16 link each parameter to its slice of the Adam state once, lazily; when that ran
+    before the state existed, safe_get_full_optimizer_state finds no 'exp_avg'. Link again now."""
+    opt = engine.ds.optimizer
+    if hasattr(opt, "_lazy_init_hp_params_optimizer_state") and getattr(opt, "optimizer", None) is not None:
+        if getattr(opt.optimizer, "state", None):
+            opt._hp_optimizer_states_linked = False
+            opt._lazy_init_hp_params_optimizer_state()
+
+
 def save_shards(engine: Any, cfg: Config, step_dir: str) -> None:
     """Every rank calls this (ZeRO gathers are collective); DP rank 0 of each (TP, PP) writes."""
     from safetensors.torch import save_file
@@ -108,6 +118,7 @@ def save_shards(engine: Any, cfg: Config, step_dir: str) -> None:
     from megalm.parallel import state
 
     params = model_param_names(engine, cfg)
+    _relink_optimizer_fragments(engine)
     ctx = _gathered(engine, list(params.values()))
     with ctx:
         weights = {n: _fp32_value(p) for n, p in params.items()}

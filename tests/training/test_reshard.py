@@ -28,3 +28,15 @@ def test_reshard_round_trip_keeps_loss(tiny_data, tmp_path):
     assert len(got) == len(ref_losses)
     for i, (x, y) in enumerate(zip(got, ref_losses), 1):
         assert abs(x - y) <= 1e-5 * abs(y) + 1e-6, f"step {i}: {x} vs {y}\n{got}\n{ref_losses}"
+
+
+def test_reshard_from_zero2_dp2_to_one_process(tiny_data, tmp_path):
+    """ZeRO partitions of weights and Adam moments come back whole through DeepSpeed's full-state API."""
+    base = ["train.iters=8", "checkpoint.interval=4", "checkpoint.save_at_end=true"]
+    _, ref, _ = run_pretrain(tiny_data, tmp_path / "ref", nproc=1, overrides=base)
+    a = tmp_path / "a"
+    run_pretrain(tiny_data, a, nproc=2, overrides=base + ["zero.stage=2", "train.exit_interval=4"])
+    _, final, err = run_pretrain(tiny_data, a, launcher="python", overrides=base)
+    assert "optimizer state carried over" in err
+    for i, (x, y) in enumerate(zip(losses(final), losses(ref)), 1):
+        assert abs(x - y) <= 1e-5 * abs(y) + 1e-6, f"step {i}: {x} vs {y}"
