@@ -29,8 +29,7 @@ RUN python -m pip install \
       "pyyaml==6.0.3" \
       "transformers==5.24.0" \
       "safetensors==0.8.0" \
-      "protobuf==7.36.2" \
-      "matplotlib==3.11.2"
+      "protobuf==7.36.2"
 
 RUN useradd --create-home --uid 1000 --shell /bin/bash megalm
 WORKDIR /opt/megalm
