@@ -20,8 +20,9 @@ if [ -z "${MEGALM_NO_VENV:-}" ]; then
   # shellcheck disable=SC1091
   . .venv/bin/activate
 fi
-pip install -q torch==2.13.0
-pip install -q -e '.[hf,plot]'
+quiet_pip() { pip install -q "$@" 2>&1 | { grep -v -E "Location .* is ignored|running pip as the 'root' user" || true; }; }
+quiet_pip torch==2.13.0
+quiet_pip -e '.[hf,plot]'
 
 step "2/7 train a SentencePiece tokenizer on data/corpus/austen.jsonl"
 mkdir -p "$OUT/data"

@@ -553,13 +553,9 @@ def _get_dotted(d: dict, key: str) -> Any:
 
 
 def read_ds_config(path: str) -> dict:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"DeepSpeed config not found: {path}") from None
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"DeepSpeed config {path} is not valid JSON: line {e.lineno}: {e.msg}") from None
+    from megalm.jsonfile import read_json
+
+    return read_json(path, ConfigError, "the --ds-config DeepSpeed JSON")
 
 
 def fold_ds_config(raw: dict, ds: dict, ds_path: str) -> dict:

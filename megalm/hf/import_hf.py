@@ -16,7 +16,6 @@ import logging
 import os
 from typing import Optional
 
-import torch
 
 from megalm.config import apply_overrides, from_dict
 from megalm.errors import CheckpointError, ConfigError
@@ -29,14 +28,10 @@ _PREFIX = {"GPT2LMHeadModel": "transformer.", "BertForPreTraining": "bert."}
 
 
 def read_hf_config(model_dir: str) -> dict:
-    path = os.path.join(model_dir, "config.json")
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path} not found: --model must be a local Hugging Face model directory") from None
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path} is not valid JSON: line {e.lineno}: {e.msg}") from None
+    from megalm.jsonfile import read_json
+
+    return read_json(os.path.join(model_dir, "config.json"), CheckpointError,
+                     "--model must be a local Hugging Face model directory")
 
 
 def read_hf_weights(model_dir: str) -> dict:

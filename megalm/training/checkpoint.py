@@ -104,6 +104,32 @@ def verify(path: str, checksums: bool = True) -> None:
         raise CheckpointError(f"checkpoint {path} failed verification:\n  " + "\n  ".join(problems))
 
 
+def publish(root: str, tmp: str, name: str, state: dict, tokenizer_path: Optional[str] = None,
+            update_latest: bool = True) -> str:
+    """Finish a checkpoint written into ``tmp``: megalm state, tokenizer copy, fsynced MANIFEST, then the
+    rename to ``root/name`` and, last, the atomic ``latest`` pointer. Returns the final path."""
+    final = os.path.join(root, name)
+    os.makedirs(os.path.join(tmp, "megalm"), exist_ok=True)
+    with open(os.path.join(tmp, "megalm", STATE), "w") as f:
+        json.dump(state, f, indent=1)
+    if tokenizer_path and os.path.exists(tokenizer_path):
+        shutil.copyfile(tokenizer_path, os.path.join(tmp, "megalm", "tokenizer.model"))
+    write_manifest(tmp)
+    if os.path.exists(final):  # a re-save of the same step (e.g. after resume): replace it
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _fsync_dir(root)
+    if update_latest:
+        pointer_tmp = os.path.join(root, ".latest.tmp")
+        with open(pointer_tmp, "w") as f:
+            f.write(name + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(pointer_tmp, os.path.join(root, "latest"))
+        _fsync_dir(root)
+    return final
+
+
 def list_steps(root: str) -> list[int]:
     if not os.path.isdir(root):
         return []
@@ -201,23 +227,8 @@ class Checkpointer:
                 "megalm_version": megalm.__version__,
                 "config": self.cfg.to_dict(),
             }
-            with open(os.path.join(tmp, "megalm", STATE), "w") as f:
-                json.dump(state, f, indent=1)
-            if self.tokenizer_path and os.path.exists(self.tokenizer_path):
-                shutil.copyfile(self.tokenizer_path, os.path.join(tmp, "megalm", "tokenizer.model"))
-            write_manifest(tmp)
-            if os.path.exists(final):  # a re-save of the same step (e.g. after resume): replace atomically
-                shutil.rmtree(final)
-            os.rename(tmp, final)
-            _fsync_dir(self.root)
+            publish(self.root, tmp, name, state, self.tokenizer_path, update_latest=not diagnostic)
             if not diagnostic:
-                pointer_tmp = os.path.join(self.root, ".latest.tmp")
-                with open(pointer_tmp, "w") as f:
-                    f.write(name + "\n")
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(pointer_tmp, os.path.join(self.root, "latest"))
-                _fsync_dir(self.root)
                 self._prune(step)
             logger.info(f"saved checkpoint {final}")
         self._barrier()

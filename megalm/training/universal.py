@@ -176,14 +176,9 @@ def resolve_step_dir(path: str, step: Optional[int] = None) -> str:
 
 
 def read_state(step_dir: str) -> dict:
-    path = os.path.join(step_dir, STATE_FILE)
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path} is missing: not a megalm checkpoint") from None
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path} is corrupt: {e}") from None
+    from megalm.jsonfile import read_json
+
+    return read_json(os.path.join(step_dir, STATE_FILE), CheckpointError, "not a megalm checkpoint")
 
 
 def _read_sharded(folder: str) -> tuple[dict[str, torch.Tensor], dict]:
@@ -307,12 +302,11 @@ def write_checkpoint(root: str, cfg: Config, vocab_size: int, weights: dict[str,
     from safetensors.torch import save_file
 
     import megalm
-    from megalm.training.checkpoint import step_name, write_manifest
+    from megalm.training.checkpoint import publish, step_name
 
     cfg = cfg.replace(model=dataclasses.replace(cfg.model, vocab_size=vocab_size))
     name = step_name(step)
     tmp = os.path.join(root, ".tmp-" + name)
-    final = os.path.join(root, name)
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(os.path.join(tmp, WEIGHTS_DIR))
     meta = {"tensor_size": 1, "tensor_rank": 0, "pipeline_size": 1, "pipeline_rank": 0,
@@ -321,16 +315,4 @@ def write_checkpoint(root: str, cfg: Config, vocab_size: int, weights: dict[str,
               os.path.join(tmp, WEIGHTS_DIR, "tp00-pp00.safetensors"), metadata={"megalm": json.dumps(meta)})
     state = {"step": step, "consumed_samples": 0, "world_size": 1, "tensor": 1, "pipeline": 1,
              "zero_stage": 0, "megalm_version": megalm.__version__, "config": cfg.to_dict(), "universal_only": True}
-    with open(os.path.join(tmp, STATE_FILE), "w") as f:
-        json.dump(state, f, indent=1)
-    if tokenizer_path:
-        shutil.copyfile(tokenizer_path, os.path.join(tmp, "megalm", "tokenizer.model"))
-    write_manifest(tmp)
-    if os.path.exists(final):
-        shutil.rmtree(final)
-    os.rename(tmp, final)
-    pointer = os.path.join(root, ".latest.tmp")
-    with open(pointer, "w") as f:
-        f.write(name + "\n")
-    os.replace(pointer, os.path.join(root, "latest"))
-    return final
+    return publish(root, tmp, name, state, tokenizer_path)
