@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 
@@ -19,9 +18,8 @@ EDGE = ["", " ", "  two  spaces", "\n", "\nstarts with a newline", "a\n b\n\n\nc
 
 
 def _texts(limit: int = 150) -> list:
-    """Real documents: the shared corpora when present (held out), always the test fixture."""
-    fixture = os.path.join(ROOT, "tests", "fixtures", "kjv_small.jsonl")
-    files = sorted(glob.glob("/work/shared/data/*.jsonl")) + [fixture]
+    """Real documents: the bundled Austen corpus and the KJV test fixture (both ship with the repo)."""
+    files = [os.path.join(ROOT, "data", "corpus", "austen.jsonl"), os.path.join(ROOT, "tests", "fixtures", "kjv_small.jsonl")]
     out = []
     for path in files:
         with open(path) as f:
