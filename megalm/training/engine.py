@@ -55,7 +55,13 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 def _optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
     o = cfg.optim
-    return torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+    groups = param_groups(model, o.weight_decay)
+    if cfg.zero.offload_optimizer:
+        # ZeRO-Offload steps on the CPU: DeepSpeed's vectorised CPU Adam (JIT-built once), as it requires.
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, adamw_mode=True)
+    return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
 
 
 def megalm_clips(cfg: Config) -> bool:

@@ -60,3 +60,13 @@ def test_missing_dataset_is_named(tiny_data, tmp_path):
                                 overrides=[f"data.prefix={tmp_path}/nope_text_document"])
     assert code == 2 and "nope_text_document" in err and "Traceback" not in err
     assert not os.path.exists(tmp_path / "checkpoints")
+
+
+def test_zero_offload_matches_reference(tiny_data, tmp_path):
+    """ZeRO-3 with optimizer and parameters offloaded to the CPU (DeepSpeed's CPU Adam, JIT-built once)."""
+    base = ["train.iters=4"]
+    _, ref, _ = run_pretrain(tiny_data, tmp_path / "ref", launcher="python", overrides=base)
+    _, off, _ = run_pretrain(tiny_data, tmp_path / "off", launcher="python", timeout=600, overrides=base + [
+        "zero.stage=3", "zero.offload_optimizer=true", "zero.offload_params=true"])
+    for a, b in zip(losses(off), losses(ref)):
+        assert abs(a - b) <= 1e-4 * abs(b), (losses(off), losses(ref))
