@@ -60,9 +60,13 @@ class CausalLM(Objective):
         return batch["labels"], batch["loss_mask"]
 
     def loss(self, output, targets):
-        from megalm.parallel.cross_entropy import vocab_parallel_cross_entropy
+        return masked_token_loss(output, *targets)
 
-        labels, loss_mask = targets
-        per_token = vocab_parallel_cross_entropy(output.float(), labels)
-        mask = loss_mask.to(per_token.dtype)
-        return (per_token * mask).sum() / mask.sum().clamp(min=1.0)
+
+def masked_token_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """Vocab-parallel cross-entropy averaged over the positions ``loss_mask`` selects (CLM and PLM)."""
+    from megalm.parallel.cross_entropy import vocab_parallel_cross_entropy
+
+    per_token = vocab_parallel_cross_entropy(logits.float(), labels)
+    mask = loss_mask.to(per_token.dtype)
+    return (per_token * mask).sum() / mask.sum().clamp(min=1.0)

@@ -14,6 +14,7 @@ import torch
 
 from megalm.errors import ConfigError
 from megalm.objectives.base import Objective
+from megalm.objectives.clm import masked_token_loss
 
 
 def order_ranks(b: int, s: int, rng: np.random.Generator, span_lengths: np.ndarray | None = None) -> np.ndarray:
@@ -99,9 +100,4 @@ class PermutationLM(Objective):
         return batch["labels"], batch["loss_mask"]
 
     def loss(self, output, targets):
-        from megalm.parallel.cross_entropy import vocab_parallel_cross_entropy
-
-        labels, loss_mask = targets
-        per_token = vocab_parallel_cross_entropy(output.float(), labels)
-        mask = loss_mask.to(per_token.dtype)
-        return (per_token * mask).sum() / mask.sum().clamp(min=1.0)
+        return masked_token_loss(output, *targets)
