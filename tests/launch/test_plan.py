@@ -154,7 +154,9 @@ PRECISIONS = {"fp32": [], "bf16_zero1": ["precision=bf16", "zero.stage=1"]}
 @pytest.mark.slow
 def test_estimate_tracks_peak_memory_of_cpu_training(tiny_data, tmp_path):
     """Peak RSS of a mid-sized run minus that of a tiny one (same imports, same data) vs the estimate's
-    difference: within 20% in fp32 and in bf16 + ZeRO-1. One rank, two steps each, all four at once."""
+    difference: within 20% in fp32 and in bf16 + ZeRO-1. One rank, two steps each, one run at a time: run
+    concurrently, which run builds the shared dataset-index cache and which maps it varied between runs, and
+    the measured difference with it (0.67-1.0x of the sequential value in full-suite runs)."""
     runs = {}
     for prec, extra in PRECISIONS.items():
         for size, shape in (("mid", MID), ("tiny", TINY)):
@@ -162,15 +164,15 @@ def test_estimate_tracks_peak_memory_of_cpu_training(tiny_data, tmp_path):
             overrides = [f"data.prefix={tiny_data['prefix']}", f"data.tokenizer={tiny_data['tokenizer']}",
                          f"run.dir={run_dir}", "run.tensorboard=false", "train.iters=2", "train.log_interval=1",
                          "train.eval_iters=0", "checkpoint.save_at_end=false", *shape, *extra]
-            proc = subprocess.Popen(
+            proc = subprocess.run(
                 [sys.executable, os.path.join(REPO, "megalm", "pretrain.py"), "--config",
                  os.path.join(REPO, "configs", "gpt_tiny.yaml"), "--set", *overrides],
-                env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-            runs[(prec, size)] = (proc, run_dir, shape + extra)
+                env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                text=True, timeout=300)
+            assert proc.returncode == 0, proc.stdout[-3000:]
+            runs[(prec, size)] = (run_dir, shape + extra)
     peaks, estimates = {}, {}
-    for key, (proc, run_dir, overrides) in runs.items():
-        log, _ = proc.communicate(timeout=300)
-        assert proc.returncode == 0, log[-3000:]
+    for key, (run_dir, overrides) in runs.items():
         with open(os.path.join(run_dir, "metrics.jsonl")) as f:
             peaks[key] = max(json.loads(line)["mem_gb"] for line in f if '"mem_gb"' in line) * GB
         cfg = C.load(os.path.join(REPO, "configs", "gpt_tiny.yaml"), overrides)
