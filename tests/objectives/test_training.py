@@ -9,7 +9,7 @@ import pytest
 from megalm import config as C
 from megalm.errors import ConfigError
 from megalm.objectives import objective_class
-from tests.training.conftest import ROOT, losses, run_pretrain
+from tests.training.conftest import ROOT, assert_matches_reference, losses, run_pretrain
 
 BERT = ["model.arch=bert", "model.position=learned", "model.norm=layernorm", "model.norm_position=post",
         "model.activation=gelu", "model.bias=true", "objective.name=mlm", "objective.binary_head=sop"]
@@ -52,17 +52,6 @@ def mlm_reference(bert_data, tmp_path_factory):
     return records
 
 
-def assert_matches(name, records, reference):
-    got, ref = losses(records), losses(reference)
-    assert len(got) == len(ref)
-    for step, (a, b) in enumerate(zip(got, ref), 1):
-        assert abs(a - b) <= 1e-4 * abs(b), f"{name}: step {step} loss {a} vs reference {b}\n{got}\n{ref}"
-    gn_got = [r["grad_norm"] for r in records if "grad_norm" in r]
-    gn_ref = [r["grad_norm"] for r in reference if "grad_norm" in r]
-    for a, b in zip(gn_got, gn_ref):
-        assert abs(a - b) <= 1e-3 * abs(b), f"{name}: grad norm {gn_got} vs reference {gn_ref}"
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", ["parallel.tensor=2", "parallel.pipeline=2",
                                     "parallel.tensor=2 parallel.pipeline=2"])
@@ -71,7 +60,7 @@ def test_plm_layout_matches_reference(layout, plm_reference, tiny_data, tmp_path
     sets = layout.split()
     nproc = 4 if len(sets) == 2 else 2
     _, records, _ = run_pretrain(tiny_data, tmp_path, nproc=nproc, overrides=PLM + LAYOUT + sets)
-    assert_matches(layout, records, plm_reference)
+    assert_matches_reference(layout, records, plm_reference)
 
 
 @pytest.mark.slow
@@ -79,7 +68,7 @@ def test_plm_layout_matches_reference(layout, plm_reference, tiny_data, tmp_path
 def test_mlm_layout_matches_reference(layout, mlm_reference, bert_data, tmp_path):
     """PP=2: the tied word embedding + output bias cross stages (the bias's tied all-reduce must run on both)."""
     _, records, _ = run_pretrain(bert_data, tmp_path, nproc=2, overrides=BERT + LAYOUT + [layout], timeout=240)
-    assert_matches(f"mlm {layout}", records, mlm_reference)
+    assert_matches_reference(f"mlm {layout}", records, mlm_reference)
 
 
 def test_user_objective_trains_by_module_and_class(tiny_data, tmp_path, monkeypatch):

@@ -78,6 +78,19 @@ def losses(records) -> list[float]:
     return [r["loss"] for r in records if "loss" in r]
 
 
+def assert_matches_reference(name: str, records, reference, loss_rtol: float = 1e-4, norm_rtol: float = 1e-3):
+    """Same number of steps; every loss and logged gradient norm within the relative tolerances."""
+    got, ref = losses(records), losses(reference)
+    assert len(got) == len(ref), f"{name}: {len(got)} logged steps vs {len(ref)}"
+    for step, (a, b) in enumerate(zip(got, ref), 1):
+        assert abs(a - b) <= loss_rtol * abs(b), f"{name}: step {step} loss {a} vs reference {b}\n{got}\n{ref}"
+    gn_got = [r["grad_norm"] for r in records if "grad_norm" in r]
+    gn_ref = [r["grad_norm"] for r in reference if "grad_norm" in r]
+    assert all(g is not None for g in gn_got + gn_ref), f"{name}: a grad norm was not logged"
+    for a, b in zip(gn_got, gn_ref):
+        assert abs(a - b) <= norm_rtol * abs(b), f"{name}: grad norm {gn_got} vs reference {gn_ref}"
+
+
 def _port() -> int:
     from tests.harness import free_port
 

@@ -6,7 +6,7 @@ exactly as a user (or a reviewer) would check it.
 
 import pytest
 
-from tests.training.conftest import losses, run_pretrain
+from tests.training.conftest import assert_matches_reference, losses, run_pretrain
 
 LAYOUTS = {
     "dp2_zero0": (2, ["zero.stage=0"]),
@@ -47,15 +47,7 @@ def reference(tiny_data, tmp_path_factory):
 def test_layout_matches_reference(name, reference, tiny_data, tmp_path):
     nproc, overrides = LAYOUTS[name]
     _, records, _ = run_pretrain(tiny_data, tmp_path, nproc=nproc, overrides=overrides)
-    got, ref = losses(records), losses(reference)
-    assert len(got) == len(ref)
-    for step, (a, b) in enumerate(zip(got, ref), 1):
-        assert abs(a - b) <= 1e-4 * abs(b), f"{name}: step {step} loss {a} vs reference {b}\n{got}\n{ref}"
-    gn_got = [r["grad_norm"] for r in records if "grad_norm" in r]
-    gn_ref = [r["grad_norm"] for r in reference if "grad_norm" in r]
-    assert all(g is not None for g in gn_got + gn_ref)
-    for a, b in zip(gn_got, gn_ref):
-        assert abs(a - b) <= 1e-3 * abs(b), f"{name}: grad norm {gn_got} vs reference {gn_ref}"
+    assert_matches_reference(name, records, reference)
 
 
 @pytest.fixture(scope="module")
