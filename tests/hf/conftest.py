@@ -94,3 +94,17 @@ def held_out_ids(tokenizer: str, n: int = 24, batch: int = 2) -> torch.Tensor:
 
     ids = Tokenizer(tokenizer).encode(HELD_OUT)
     return torch.tensor([ids[b * n:(b + 1) * n] for b in range(batch)])
+
+
+@torch.no_grad()
+def plm_content_logits(model, ids: torch.Tensor, vocab: int) -> torch.Tensor:
+    """megalm's PLM content stream under full attention (what an encoder export reproduces), unpadded vocab."""
+    from megalm.model.gpt import default_position_ids
+
+    full = torch.ones(ids.size(0), 1, ids.size(1), ids.size(1), dtype=torch.bool)
+    pos = default_position_ids(ids)
+    ctx, _ = model.contexts(ids, pos, content_mask=full, query_mask=full)
+    h = model.embedding(ids, pos)
+    for layer in model.layers:
+        h = layer.step(h, ctx)
+    return model.logits(h)[..., :vocab]

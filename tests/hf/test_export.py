@@ -13,7 +13,7 @@ import torch
 from megalm.errors import ConfigError
 from megalm.hf.export import export
 from megalm.hf.import_hf import import_hf
-from tests.hf.conftest import HELD_OUT, make_checkpoint, megalm_model
+from tests.hf.conftest import HELD_OUT, make_checkpoint, megalm_model, plm_content_logits
 
 transformers = pytest.importorskip("transformers")
 TOL = 1e-4
@@ -93,19 +93,11 @@ def megalm_model_bert(ckpt):
 @pytest.mark.parametrize("kind, cls", [("plm", "EsmModel"), ("plm_swiglu", "GemmaModel")])
 def test_plm_backbone_exports_as_encoder_content_stream(exported, kind, cls):
     """The encoder's last hidden state x the tied embedding == megalm's content stream under full attention."""
-    from megalm.model.gpt import default_position_ids
-
     ckpt, hf_dir = exported[kind]
     ours, cfg, vocab = megalm_model_bert(ckpt)
     ids = _ids(vocab)
-    full = torch.ones(2, 1, ids.size(1), ids.size(1), dtype=torch.bool)
+    ref = plm_content_logits(ours, ids, vocab)
     with torch.no_grad():
-        pos = default_position_ids(ids)
-        ctx, _ = ours.contexts(ids, pos, content_mask=full, query_mask=full)
-        h = ours.embedding(ids, pos)
-        for layer in ours.layers:
-            h = layer.step(h, ctx)
-        ref = ours.logits(h)[..., :vocab]
         enc = transformers.AutoModel.from_pretrained(hf_dir).eval()
         hidden = enc(input_ids=ids).last_hidden_state
     assert type(enc).__name__ == cls
