@@ -484,6 +484,21 @@ def validate_layout(cfg: Config, world_size: int) -> None:
 
 # ---------------------------------------------------------------- DeepSpeed
 
+def pipe_sends_whole(cfg: Config) -> bool:
+    """Whether stage-to-stage tensors must travel whole instead of DeepSpeed's TP-partitioned transfer.
+
+    DeepSpeed splits the activation (and its gradient) across the TP ranks and all-gathers it on the
+    next stage, which assumes every TP rank holds the same tensor. Under sequence parallelism each
+    holds its own slice of the sequence (already 1/TP of the bytes), so each sends that slice as is to
+    the same TP rank of the next stage. PLM sends two grad-carrying streams (h, g); the partitioned
+    transfer carries only the first.
+    """
+    p = cfg.parallel
+    if p.pipeline == 1 or p.tensor == 1:
+        return False
+    return p.sequence_parallel or cfg.objective.name == "plm"
+
+
 def deepspeed_config(cfg: Config, world_size: int) -> dict:
     """The DeepSpeed JSON that realises ``cfg`` on ``world_size`` ranks."""
     validate_layout(cfg, world_size)
@@ -498,9 +513,7 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
         zero["offload_param"] = {"device": "cpu", "pin_memory": False}
     ls = cfg.loss_scale
     extra: dict[str, Any] = {}
-    if cfg.objective.name == "plm" and cfg.parallel.pipeline > 1 and cfg.parallel.tensor > 1:
-        # PLM sends two grad-carrying streams (h, g) between stages; DeepSpeed's TP-partitioned
-        # activations/grads carry only the first, so send them whole.
+    if pipe_sends_whole(cfg):
         extra["pipeline"] = {"pipe_partitioned": False, "grad_partitioned": False}
     return {
         **extra,
@@ -622,6 +635,8 @@ def merge_ds_config(derived: dict, ds: dict) -> dict:
     out["train_micro_batch_size_per_gpu"] = derived["train_micro_batch_size_per_gpu"]
     out["gradient_accumulation_steps"] = derived["gradient_accumulation_steps"]
     out["gradient_clipping"] = derived["gradient_clipping"]
+    if "pipeline" in derived:  # correctness, not a preference: a user's JSON cannot turn it back on
+        out["pipeline"] = {**(out.get("pipeline") or {}), **derived["pipeline"]}
     return out
 
 

@@ -1,7 +1,7 @@
 """Rank discovery and process-group set-up for every launcher, in one place.
 
 torchrun / deepspeed set RANK & co.; under ``srun`` we read SLURM_*; under
-``mpirun`` we ask MPI (mpi4py). Backend: NCCL on CUDA, gloo on CPU.
+``mpirun`` we ask MPI (mpi4py). Backend: ``cpu:gloo,cuda:nccl`` on CUDA, gloo on CPU.
 """
 
 from __future__ import annotations
@@ -92,6 +92,13 @@ def clean_shm() -> None:
             pass
 
 
+def backend_for_device() -> str:
+    """``cpu:gloo,cuda:nccl`` on CUDA (NCCL for tensors on the GPU, gloo for any on the CPU), else gloo."""
+    import torch
+
+    return "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+
+
 def init() -> dict:
     """Discover ranks, start the process group (via DeepSpeed), and register a clean shutdown."""
     import torch
@@ -99,11 +106,10 @@ def init() -> dict:
     how = discover()
     import deepspeed
 
+    backend = backend_for_device()
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-        backend = "nccl"
     else:
-        backend = "gloo"
         _disable_cpu_shm_comm()
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
     atexit.register(shutdown)
@@ -120,11 +126,13 @@ def shutdown(barrier: bool = True) -> None:
     """
     import torch.distributed as dist
 
+    from megalm.parallel import comm
+
     try:
         if dist.is_available() and dist.is_initialized():
             try:
                 if barrier:
-                    dist.barrier()
+                    comm.barrier()
             finally:
                 dist.destroy_process_group()
     finally:

@@ -122,11 +122,9 @@ def forward_step(model, ids: torch.Tensor, start: int, cache: list) -> torch.Ten
             h = h + block.mlp(block.mlp_norm(h))
     logits = model.logits(h[:, -1:])[:, 0]
     if state.tensor_size() > 1:
-        import torch.distributed as dist
+        from megalm.parallel.mappings import gather_from_tensor_region
 
-        parts = [torch.empty_like(logits) for _ in range(state.tensor_size())]
-        dist.all_gather(parts, logits.contiguous(), group=state.tensor_group())
-        logits = torch.cat(parts, dim=-1)
+        logits = gather_from_tensor_region(logits)
     return logits[:, :model.vocab_size].float()
 
 
@@ -170,9 +168,9 @@ def generate(model, prompt_ids: list, max_new_tokens: int, sampling: Sampling = 
         logits = forward_step(model, ids, start, cache).cpu()
         nxt = pick(logits, sampling, gen).to(device)
         if state.tensor_size() > 1:
-            import torch.distributed as dist
+            from megalm.parallel import comm
 
-            dist.broadcast(nxt, src=state.tensor_ranks()[0], group=state.tensor_group())
+            comm.broadcast_(nxt, src=state.tensor_ranks()[0], group=state.tensor_group())
         start += ids.size(1)
         token = int(nxt[0])
         out.append(token)
@@ -192,8 +190,10 @@ def _init_distributed() -> int:
     if world > 1:
         import torch.distributed as dist
 
+        from megalm.distributed import backend_for_device
+
         if not dist.is_initialized():
-            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+            dist.init_process_group(backend_for_device())
     return world
 
 
@@ -244,7 +244,9 @@ def main(argv: Optional[list] = None) -> int:
         if world > 1:
             import torch.distributed as dist
 
-            dist.barrier()
+            from megalm.parallel import comm
+
+            comm.barrier()
             dist.destroy_process_group()
     return 0
 

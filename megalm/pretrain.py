@@ -136,11 +136,11 @@ def _write_run_info(cfg, engine, rank: int, world: int) -> None:
     import json
 
     import torch
-    import torch.distributed as dist
+
+    from megalm.parallel import comm
 
     local = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in engine.ds.module.parameters())
-    counts = [None] * world
-    dist.all_gather_object(counts, int(local))
+    counts = comm.all_gather_object(int(local))
     if rank == 0:
         info = {"world_size": world, "tensor": cfg.parallel.tensor, "pipeline": cfg.parallel.pipeline,
                 "data": engine.dp_size, "zero_stage": cfg.zero.stage, "precision": cfg.precision,

@@ -115,14 +115,16 @@ def cached_arrays(
     dist = _dist()
     if dist is None:
         return try_load() or build_and_save()
+    from megalm.parallel import comm  # torch is loaded already: a process group is up
+
     rank = dist.get_rank()
     if rank == 0 and try_load() is None:
         build_and_save()
-    dist.barrier()
+    comm.barrier()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if rank != 0 and local_rank == 0 and try_load() is None:
         build_and_save()  # this node does not share rank 0's filesystem
-    dist.barrier()
+    comm.barrier()
     arrays = try_load()
     if arrays is None:
         log.warning("index cache %s not visible on rank %d; building in memory", stem, rank)

@@ -20,11 +20,11 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 import megalm
 from megalm.config import Config
 from megalm.errors import CheckpointError
+from megalm.parallel import comm
 
 logger = logging.getLogger(__name__)
 
@@ -194,8 +194,7 @@ class Checkpointer:
         self.consumed_samples = 0
 
     def _barrier(self) -> None:
-        if dist.is_initialized():
-            dist.barrier()
+        comm.barrier()
 
     def save(self, step: int, diagnostic: bool = False) -> str:
         name = step_name(step) + ("-diagnostic" if diagnostic else "")

@@ -5,7 +5,8 @@ DeepSpeed's fp32 path without ZeRO counts replicated parameters only on
 stage (see ../shared/notes: 3.79 vs the true 3.88), and it discards the norm it
 computes. megalm clips in that mode itself: each parameter counts once per
 replica — TP shards on every TP rank, replicated weights on TP rank 0, tied
-pipeline copies (ds_pipe_replicated) on their owner stage only.
+pipeline copies (ds_pipe_replicated) on their owner stage only. The sum of
+squares stays on the gradients' device and is reduced there: one host sync per step.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from __future__ import annotations
 from typing import Iterable
 
 import torch
-import torch.distributed as dist
+
+from megalm.parallel import comm
 
 
 def counts_once(p: torch.nn.Parameter, tensor_rank: int) -> bool:
@@ -23,18 +25,23 @@ def counts_once(p: torch.nn.Parameter, tensor_rank: int) -> bool:
 
 
 @torch.no_grad()
-def global_grad_norm(params: Iterable[torch.nn.Parameter]) -> float:
+def global_sq_norm(params: Iterable[torch.nn.Parameter]) -> torch.Tensor:
+    """The replica's sum of squared gradients as a float64 tensor on the comm device (no host sync)."""
     from megalm.parallel import state
 
     tp_rank = state.tensor_rank()
-    total = torch.zeros(1, dtype=torch.float64)
-    for p in params:
-        if p.grad is not None and counts_once(p, tp_rank):
-            total += p.grad.detach().double().pow(2).sum().cpu()
     group = state.model_group()
-    if group is not None and dist.get_world_size(group) > 1:
-        dist.all_reduce(total, group=group)
-    return float(total.sqrt().item())
+    grads = [p.grad.detach() for p in params if p.grad is not None and counts_once(p, tp_rank)]
+    dev = comm.device(group)
+    if grads:
+        total = torch.stack(torch._foreach_norm(grads, 2.0)).double().pow(2).sum().reshape(1).to(dev)
+    else:
+        total = torch.zeros(1, dtype=torch.float64, device=dev)
+    return comm.all_reduce(total, "sum", group)
+
+
+def global_grad_norm(params: Iterable[torch.nn.Parameter]) -> float:
+    return float(global_sq_norm(params).sqrt().item())
 
 
 @torch.no_grad()
@@ -42,8 +49,6 @@ def clip_(params: list[torch.nn.Parameter], max_norm: float) -> float:
     """Scale gradients so their global norm is at most ``max_norm`` (0 = measure only); return the norm."""
     norm = global_grad_norm(params)
     if max_norm > 0 and norm > max_norm:
-        coef = max_norm / (norm + 1e-6)
-        for p in params:
-            if p.grad is not None:
-                p.grad.mul_(coef)
+        grads = [p.grad for p in params if p.grad is not None]
+        torch._foreach_mul_(grads, max_norm / (norm + 1e-6))
     return norm

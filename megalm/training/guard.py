@@ -11,26 +11,26 @@ step is booked as DeepSpeed books an fp16 overflow (no update, no LR step,
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
-import torch.distributed as dist
+
+from megalm.parallel import comm
 
 
 class NonFiniteGuard:
     def __init__(self) -> None:
-        self.bad = False
+        self.bad: Union[bool, torch.Tensor] = False  # a 0-dim bool tensor on the loss's device once observed
 
     def observe(self, loss: torch.Tensor) -> None:
-        if not bool(torch.isfinite(loss.detach()).all()):
-            self.bad = True
+        # stays on the loss's device: no host sync per micro-batch; consume() syncs once per step
+        bad = ~torch.isfinite(loss.detach()).all()
+        self.bad = bad if self.bad is False else (self.bad | bad)
 
     def consume(self, extra_bad: bool = False) -> bool:
-        flag = torch.tensor([1.0 if (self.bad or extra_bad) else 0.0])
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        bad = comm.any_rank(True if extra_bad else self.bad)
         self.bad = False
-        return bool(flag.item())
+        return bad
 
 
 def _skip_step(ds: Any) -> None:

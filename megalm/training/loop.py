@@ -13,11 +13,11 @@ import time
 from typing import Any, Iterator, Optional
 
 import torch
-import torch.distributed as dist
 
 from megalm.config import Config
 from megalm.errors import MegalmError
 from megalm.objectives.base import Objective
+from megalm.parallel import comm
 from megalm.training.engine import Engine
 from megalm.training.metrics import MetricsWriter, Throughput, console_line, flops_per_token, peak_tflops
 
@@ -41,10 +41,7 @@ class Preemption:
 
     def requested(self) -> bool:
         """True on every rank once any rank got the signal (Slurm signals each task, but not at once)."""
-        flag = torch.tensor([1.0 if self.signum is not None else 0.0])
-        if dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return comm.any_rank(self.signum is not None)
 
     def restore(self) -> None:
         for sig, old in self._old.items():
@@ -55,14 +52,11 @@ def _to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def _dp_mean(value: torch.Tensor, engine: Engine) -> float:
+def _dp_mean(value, engine: Engine) -> float:
+    """Mean of a float or a one-element tensor over the data-parallel ranks (one sync)."""
     from megalm.parallel import state
 
-    value = value.detach().float().reshape(1).clone()
-    if engine.dp_size > 1:
-        dist.all_reduce(value, group=state.data_group())
-        value /= engine.dp_size
-    return float(value.item())
+    return comm.reduce_scalar(value, "mean", state.data_group() if engine.dp_size > 1 else None)
 
 
 class PipeFeed:
@@ -103,7 +97,7 @@ def train_step(engine: Engine, objective: Objective, batches: Iterator[dict], gr
         with torch.no_grad():
             for k, v in objective.metrics(out, targets).items():
                 extras.setdefault(k, []).append(float(v))
-    engine.last_metrics = {k: _dp_mean(torch.tensor(sum(v) / len(v)), engine) for k, v in extras.items()}
+    engine.last_metrics = {k: _dp_mean(sum(v) / len(v), engine) for k, v in extras.items()}
     return _dp_mean(torch.stack(losses).mean(), engine), tokens
 
 

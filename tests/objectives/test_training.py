@@ -18,6 +18,13 @@ PLM = ["objective.name=plm", "model.norm=layernorm", "model.activation=gelu", "m
 LAYOUT = ["train.iters=6"]  # TINY otherwise: 4 layers (so PP=2 puts blocks on both stages), micro 2, global 8
 LEARN = ["model.num_layers=2", "model.seq_length=64", "train.iters=60", "train.micro_batch_size=8",
          "train.log_interval=10", "optim.lr=3e-3", "optim.warmup_iters=5"]
+SP_PP = "parallel.tensor=2 parallel.pipeline=2 parallel.sequence_parallel=true"
+
+
+def _nproc(sets: list) -> int:
+    """tensor x pipeline ranks (no data parallelism) for a list of parallel.* overrides."""
+    size = dict(s.split("=") for s in sets)
+    return int(size.get("parallel.tensor", 1)) * int(size.get("parallel.pipeline", 1))
 
 
 def assert_falls(records, drop: float, below: float):
@@ -54,20 +61,20 @@ def mlm_reference(bert_data, tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", ["parallel.tensor=2", "parallel.pipeline=2",
-                                    "parallel.tensor=2 parallel.pipeline=2"])
+                                    "parallel.tensor=2 parallel.pipeline=2", SP_PP])
 def test_plm_layout_matches_reference(layout, plm_reference, tiny_data, tmp_path):
     """The query stream travels through the pipeline beside the content stream (TP x PP: unpartitioned)."""
     sets = layout.split()
-    nproc = 4 if len(sets) == 2 else 2
-    _, records, _ = run_pretrain(tiny_data, tmp_path, nproc=nproc, overrides=PLM + LAYOUT + sets)
+    _, records, _ = run_pretrain(tiny_data, tmp_path, nproc=_nproc(sets), overrides=PLM + LAYOUT + sets)
     assert_matches_reference(layout, records, plm_reference)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", ["parallel.tensor=2", "parallel.pipeline=2"])
+@pytest.mark.parametrize("layout", ["parallel.tensor=2", "parallel.pipeline=2", SP_PP])
 def test_mlm_layout_matches_reference(layout, mlm_reference, bert_data, tmp_path):
     """PP=2: the tied word embedding + output bias cross stages (the bias's tied all-reduce must run on both)."""
-    _, records, _ = run_pretrain(bert_data, tmp_path, nproc=2, overrides=BERT + LAYOUT + [layout], timeout=240)
+    sets = layout.split()
+    _, records, _ = run_pretrain(bert_data, tmp_path, nproc=_nproc(sets), overrides=BERT + LAYOUT + sets, timeout=240)
     assert_matches_reference(f"mlm {layout}", records, mlm_reference)
 
 

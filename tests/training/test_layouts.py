@@ -21,6 +21,10 @@ LAYOUTS = {
     "recompute_full": (1, ["train.activation_checkpointing=full"]),
     "recompute_selective": (1, ["train.activation_checkpointing=selective"]),
     "pp2_recompute_full": (2, ["parallel.pipeline=2", "train.activation_checkpointing=full"]),
+    # sequence parallelism through a pipeline: each stage sends its TP rank's sequence slice as it is
+    "tp2_pp2_sp": (4, ["parallel.tensor=2", "parallel.pipeline=2", "parallel.sequence_parallel=true"]),
+    "pp2_tp2_sp_recompute_full": (4, ["parallel.tensor=2", "parallel.pipeline=2", "parallel.sequence_parallel=true",
+                                      "train.activation_checkpointing=full"]),
 }
 
 # bf16 (fp32 master weights): layouts agree with the bf16 single-process run within this relative tolerance
