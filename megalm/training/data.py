@@ -17,16 +17,20 @@ from megalm.objectives.base import Objective
 
 
 class _Indexed(torch.utils.data.Dataset):
-    """Yields (index, sample) so collation can seed its RNG from the sample index."""
+    """Yields (index, sample) so collation can seed its RNG from the sample index; checks the token ids."""
 
-    def __init__(self, dataset: Any):
-        self.dataset = dataset
+    def __init__(self, dataset: Any, vocab_size: int):
+        from megalm.data.vocab_guard import VocabGuard
+
+        self.dataset, self.guard = dataset, VocabGuard(dataset, vocab_size)
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, i: int):
-        return i, self.dataset[i]
+        sample = self.dataset[i]
+        self.guard(i, sample)
+        return i, sample
 
 
 class _Collate:
@@ -39,13 +43,13 @@ class _Collate:
 
 
 def _loader(cfg: Config, dataset: Any, objective: Objective, consumed: int, dp_rank: int, dp_size: int,
-            seed_offset: int = 0) -> Iterator[dict]:
+            vocab_size: int, seed_offset: int = 0) -> Iterator[dict]:
     from megalm.data.sampler import PretrainingSampler
 
     sampler = PretrainingSampler(total_samples=len(dataset), consumed_samples=consumed,
                                  micro_batch_size=cfg.train.micro_batch_size, dp_rank=dp_rank, dp_size=dp_size)
     return iter(torch.utils.data.DataLoader(
-        _Indexed(dataset), batch_sampler=sampler, collate_fn=_Collate(objective, cfg.train.seed + seed_offset),
+        _Indexed(dataset, vocab_size), batch_sampler=sampler, collate_fn=_Collate(objective, cfg.train.seed + seed_offset),
         num_workers=cfg.data.num_workers, persistent_workers=cfg.data.num_workers > 0,
     ))
 
@@ -58,12 +62,13 @@ def build_iterators(cfg: Config, tokenizer: Any, objective: Objective, consumed:
     gb = cfg.train.global_batch_size
     wanted = {"train": cfg.train.iters * gb, "valid": max(cfg.train.eval_iters, 1) * gb, "test": 0}
     datasets = build_datasets(cfg, tokenizer, wanted, kind=objective.dataset_kind)
-    train = _loader(cfg, datasets["train"], objective, consumed, dp_rank, dp_size)
+    vocab = cfg.model.vocab_size or tokenizer.vocab_size
+    train = _loader(cfg, datasets["train"], objective, consumed, dp_rank, dp_size, vocab)
     valid_ds = datasets.get("valid")
     if valid_ds is None or len(valid_ds) < gb or cfg.train.eval_iters == 0:
         return train, None
 
     def valid() -> Iterator[dict]:  # the same validation batches at every evaluation
-        return _loader(cfg, valid_ds, objective, 0, dp_rank, dp_size, seed_offset=1)
+        return _loader(cfg, valid_ds, objective, 0, dp_rank, dp_size, vocab, seed_offset=1)
 
     return train, valid
