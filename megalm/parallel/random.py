@@ -1,7 +1,7 @@
 """Tensor-parallel-aware RNG: dropout identical where activations are replicated, distinct where split.
 
-The default generator is seeded the same on every TP rank (replicated regions);
-the tracker holds a second state, seeded per TP rank, forked for dropout on
+The default generator is seeded the same on every TP rank (replicated regions) and
+differently per pipeline stage; the tracker holds a second state, seeded per TP rank, forked for dropout on
 split activations (attention heads, sequence-parallel chunks). ``checkpoint``
 recomputes a function with both states rewound, so dropout masks reproduce.
 """
@@ -18,6 +18,7 @@ from megalm.parallel import state
 
 MODEL_PARALLEL_RNG = "model-parallel-rng"
 _TP_SEED_OFFSET = 2718
+_PP_SEED_OFFSET = 100  # Megatron's per-pipeline-stage offset
 
 
 def _device_state(device: str) -> torch.Tensor:
@@ -82,8 +83,11 @@ def get_tracker() -> RNGStatesTracker:
 def model_parallel_seed(seed: int, device: Optional[str] = None) -> None:
     """Seed the default generator (same on all TP ranks) and the per-TP-rank tracked state.
 
+    Both are offset by the pipeline rank, as Megatron does: otherwise every stage would draw the same
+    dropout masks for its blocks. Stage 0 keeps ``seed`` itself, so PP=1 runs are unchanged.
     ``device`` ("cpu" or "cuda") is where dropout will run; default: cuda once CUDA is initialised.
     """
+    seed = seed + _PP_SEED_OFFSET * state.pipeline_rank()
     torch.manual_seed(seed)
     if torch.cuda.is_available():
         torch.cuda.manual_seed(seed)

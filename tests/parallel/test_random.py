@@ -107,3 +107,24 @@ def test_tensor_parallel_dropout_streams_and_recompute():
     assert not torch.equal(r0["split"], r1["split"]), "split regions need different dropout per TP rank"
     for key in ("full/sp=False", "selective/sp=False", "full/sp=True", "selective/sp=True"):
         assert r0[key] and r1[key], key
+
+
+def _stage_masks(monkeypatch, stage: int) -> tuple:
+    monkeypatch.setattr(state, "pipeline_rank", lambda: stage)
+    model_parallel_seed(7)
+    x = torch.ones(64)
+    replicated = F.dropout(x, 0.5, True)
+    with get_tracker().fork():
+        split = F.dropout(x, 0.5, True)
+    return replicated, split
+
+
+def test_pipeline_stages_draw_different_dropout_masks(monkeypatch):
+    """Seeds are offset per pipeline rank (Megatron's 100 x stage): stage 1's blocks do not repeat stage 0's masks."""
+    first, first_split = _stage_masks(monkeypatch, 0)
+    second, second_split = _stage_masks(monkeypatch, 1)
+    assert not torch.equal(first, second) and not torch.equal(first_split, second_split)
+    again, again_split = _stage_masks(monkeypatch, 1)  # and each stage's streams are reproducible
+    assert torch.equal(second, again) and torch.equal(second_split, again_split)
+    torch.manual_seed(7)  # stage 0 keeps the plain seed: PP=1 runs draw what they drew before
+    assert torch.equal(first, F.dropout(torch.ones(64), 0.5, True))
