@@ -225,7 +225,8 @@ def estimate(cfg: Config, layout: Layout, vocab_size: Optional[int] = None, over
     n = params_per_gpu(cfg, layout, vocab_size)
     dp, z = layout.dp, layout.zero
     weights = n * e / (dp if z >= 3 else 1)
-    # Mixed precision: DeepSpeed also accumulates gradients in fp32 (its bf16 default), 4 more bytes.
+    # Mixed precision: an fp32 gradient buffer beside the 16-bit grads, 4 more bytes. bf16 accumulates and
+    # all-reduces in it because megalm sets data_types.grad_accum_dtype=fp32 (DeepSpeed's default is bf16).
     grads = n * (e + (4 if mixed else 0)) / (dp if z >= 2 else 1)
     # Adam m and v in fp32; mixed precision adds the fp32 master weights and the fp32 gradient partition
     # the optimizer steps on. torch's AdamW step builds fp32 temporaries: one per parameter in fp32 runs,
