@@ -51,6 +51,9 @@ def _loader(cfg: Config, dataset: Any, objective: Objective, consumed: int, dp_r
     return iter(torch.utils.data.DataLoader(
         _Indexed(dataset, vocab_size), batch_sampler=sampler, collate_fn=_Collate(objective, cfg.train.seed + seed_offset),
         num_workers=cfg.data.num_workers, persistent_workers=cfg.data.num_workers > 0,
+        # starting an iterator draws a seed from this generator; the default one would shift the dropout
+        # stream of a resumed run (its RNG state is restored before the iterators are built)
+        generator=torch.Generator().manual_seed(cfg.train.seed + seed_offset),
     ))
 
 
