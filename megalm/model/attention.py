@@ -1,8 +1,12 @@
 """Self-attention over tensor-parallel heads, through torch's scaled_dot_product_attention.
 
-Mask semantics (``AttnContext``): a boolean ``mask`` [b, 1|h, s, s] with True =
-"query i may attend to key j", or ``mask=None`` with ``causal`` for the fast
-path. A query row with no allowed key outputs zeros (SDPA would give NaN).
+Mask semantics (``AttnContext``, built once per batch by ``attention_context``
+and shared by every layer): plain causal runs SDPA's ``is_causal``; packed
+documents (``segment_ids``) run without any [s, s] mask (``megalm.model.documents``:
+FlexAttention block masks on CUDA, one causal SDPA per document elsewhere);
+key padding is a broadcast [b, 1, 1, s] mask; anything else is a dense boolean
+``mask`` [b, 1|h, s, s], True = "query i may attend to key j". A query row with
+no allowed key outputs zeros (SDPA would give NaN).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from megalm.config import ModelConfig
+from megalm.model.documents import Documents, documents_attention, packed_documents
 from megalm.model.positions import apply_rope
 from megalm.parallel import state
 from megalm.parallel.layers import ColumnParallelLinear, RowParallelLinear, param_seed
@@ -29,6 +34,8 @@ class AttnContext:
     mask: Optional[torch.Tensor] = None  # bool [b, 1|h, s, s], True = may attend
     row_ok: Optional[torch.Tensor] = None  # [b, 1|h, s, 1]: rows with at least one allowed key
     rope: Optional[tuple] = None  # (cos, sin) [b, 1, s, d]
+    documents: Optional[Documents] = None  # causal attention within packed documents, no [s, s] mask
+    key_padding: Optional[torch.Tensor] = None  # bool [b, 1, 1, s], True = a real key (every row has one)
 
 
 def build_mask(batch: int, seq: int, causal: bool, device: torch.device,
@@ -58,6 +65,28 @@ def make_context(mask: Optional[torch.Tensor], causal: bool, rope: Optional[tupl
     if bool(row_ok.all()):
         return AttnContext(causal=False, mask=mask, rope=rope)
     return AttnContext(causal=False, mask=mask | ~row_ok, row_ok=row_ok, rope=rope)
+
+
+def attention_context(batch: int, seq: int, causal: bool, device: torch.device, rope: Optional[tuple] = None,
+                      segment_ids: Optional[torch.Tensor] = None, padding_mask: Optional[torch.Tensor] = None,
+                      attention_mask: Optional[torch.Tensor] = None) -> AttnContext:
+    """The one context every layer shares, on the cheapest exact path for what is given.
+
+    Same semantics as ``make_context(build_mask(...))`` (the dense reference the tests compare with),
+    but only an arbitrary ``attention_mask`` (or segment ids that are not runs of documents) builds
+    an [s, s] mask.
+    """
+    if attention_mask is None and padding_mask is None and segment_ids is not None and causal:
+        docs = packed_documents(segment_ids)
+        if docs is not None:
+            return AttnContext(causal=False, rope=rope, documents=docs)
+    if attention_mask is None and segment_ids is None and padding_mask is not None and not causal:
+        keys = padding_mask.bool()
+        if bool(keys.any(dim=-1).all()):
+            return AttnContext(causal=False, rope=rope, key_padding=keys[:, None, None, :])
+    mask = build_mask(batch, seq, causal, device, segment_ids=segment_ids, padding_mask=padding_mask,
+                      attention_mask=attention_mask)
+    return make_context(mask, causal, rope)
 
 
 class Attention(nn.Module):
@@ -106,11 +135,16 @@ class Attention(nn.Module):
 
     def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
         mask, row_ok = self._local_heads(ctx.mask), self._local_heads(ctx.row_ok)
+        if mask is None:
+            mask = ctx.key_padding
         p = self.dropout if self.training else 0.0
         gqa = self.kv_heads != self.heads
         with get_tracker().fork():  # heads differ per TP rank, so must their dropout
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p,
-                                               is_causal=ctx.causal and mask is None, enable_gqa=gqa)
+            if ctx.documents is not None:
+                o = documents_attention(q, k, v, ctx.documents, p, gqa)
+            else:
+                o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p,
+                                                   is_causal=ctx.causal and mask is None, enable_gqa=gqa)
         if row_ok is not None:
             o = o * row_ok.to(o.dtype)
         b, h, s, d = o.shape

@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from megalm.config import Config, ModelConfig
-from megalm.model.attention import build_mask, make_context
+from megalm.model.attention import attention_context
 from megalm.model.block import Block, run_block
 from megalm.model.embedding import Embedding, vocab_logits
 from megalm.model.gpt import default_position_ids
@@ -80,8 +80,8 @@ class BertModel(nn.Module):
         dtype = self.embedding.word.weight.dtype
         rope = rope_cos_sin(position_ids, m.hidden_size // m.num_heads, m.rope_base, dtype) \
             if m.position == "rope" else None
-        mask = build_mask(b, s, False, input_ids.device, padding_mask=padding_mask, attention_mask=attention_mask)
-        ctx = make_context(mask, False, rope)
+        ctx = attention_context(b, s, False, input_ids.device, rope, padding_mask=padding_mask,
+                                attention_mask=attention_mask)
         h = self.embedding(input_ids, position_ids, token_type_ids)
         for layer in self.layers:
             h = run_block(layer, h, ctx, self.full_recompute)

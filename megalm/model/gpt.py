@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from megalm.config import Config
-from megalm.model.attention import build_mask, make_context
+from megalm.model.attention import attention_context, build_mask, make_context
 from megalm.model.block import Block, run_block
 from megalm.model.embedding import Embedding, vocab_logits
 from megalm.model.norms import make_norm
@@ -54,8 +54,8 @@ class GPTModel(nn.Module):
             ctx = make_context(build_mask(b, s, False, input_ids.device, attention_mask=content_mask), False, rope)
             qctx = make_context(build_mask(b, s, False, input_ids.device, attention_mask=query_mask), False, rope)
             return ctx, qctx
-        mask = build_mask(b, s, True, input_ids.device, segment_ids=segment_ids, attention_mask=attention_mask)
-        return make_context(mask, True, rope), None
+        return attention_context(b, s, True, input_ids.device, rope, segment_ids=segment_ids,
+                                 attention_mask=attention_mask), None
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         if self.final_norm is not None:

@@ -18,7 +18,7 @@ import torch.nn as nn
 from megalm.config import Config
 from megalm.errors import ConfigError
 from megalm.model import padded_vocab_size
-from megalm.model.attention import build_mask, make_context
+from megalm.model.attention import attention_context, build_mask, make_context
 from megalm.model.bert import BertHead
 from megalm.model.block import Block, run_block
 from megalm.model.embedding import Embedding, vocab_logits
@@ -101,9 +101,8 @@ class BlockPipe(Block):
             qctx = make_context(build_mask(b, s, False, h.device, attention_mask=aux["query_mask"]), False, rope)
             return ctx, qctx
         causal = m.arch == "gpt"
-        mask = build_mask(b, s, causal, h.device, segment_ids=aux.get("segment_ids"),
-                          padding_mask=aux.get("padding_mask"), attention_mask=aux.get("attention_mask"))
-        return make_context(mask, causal, rope), None
+        return attention_context(b, s, causal, h.device, rope, segment_ids=aux.get("segment_ids"),
+                                 padding_mask=aux.get("padding_mask"), attention_mask=aux.get("attention_mask")), None
 
     def forward(self, acts):  # type: ignore[override]
         aux = self.layout.aux(acts)

@@ -67,6 +67,6 @@ def masked_token_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: tor
     """Vocab-parallel cross-entropy averaged over the positions ``loss_mask`` selects (CLM and PLM)."""
     from megalm.parallel.cross_entropy import vocab_parallel_cross_entropy
 
-    per_token = vocab_parallel_cross_entropy(logits.float(), labels)
+    per_token = vocab_parallel_cross_entropy(logits, labels)
     mask = loss_mask.to(per_token.dtype)
     return (per_token * mask).sum() / mask.sum().clamp(min=1.0)

@@ -158,7 +158,7 @@ class MaskedLM(Objective):
         logits, binary = (output[0], output[1] if len(output) > 1 else None) if isinstance(output, (tuple, list)) \
             else (output, None)
         labels, loss_mask, binary_labels = targets
-        per_token = vocab_parallel_cross_entropy(logits.float(), labels)
+        per_token = vocab_parallel_cross_entropy(logits, labels)
         mask = loss_mask.to(per_token.dtype)
         mlm = (per_token * mask).sum() / mask.sum().clamp(min=1.0)
         if binary is None or self.cfg.objective.binary_head == "none":

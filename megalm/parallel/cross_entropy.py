@@ -15,6 +15,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from megalm.parallel import state
+from megalm.parallel.fused import enabled as fused_enabled
 from megalm.parallel.fused import fusable
 
 _CHUNK_ELEMENTS = 1 << 24  # fp32 scratch per chunk (64 MB): bounds memory for large vocabularies
@@ -109,14 +110,18 @@ class _VocabParallelCE(torch.autograd.Function):
 
 @fusable
 def _single_rank_ce(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    # compiled (``fusable``): the upcast happens inside the fused loop, so no fp32 logits tensor is made
     flat = logits.float().reshape(-1, logits.size(-1))
     return F.cross_entropy(flat, labels.reshape(-1), ignore_index=ignore_index, reduction="none").view(labels.shape)
 
 
 def vocab_parallel_cross_entropy(logits_shard: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0,
                                  ignore_index: int = -100) -> torch.Tensor:
-    """Per-token loss [b, s] (fp32) from this rank's logits shard [b, s, V/tp] and global label ids."""
-    if state.tensor_size() == 1 and label_smoothing == 0.0:
-        # one rank, no smoothing: torch's fused log-softmax + NLL measured fastest on CPU (-inf columns are fine)
+    """Per-token loss [b, s] (fp32) from this rank's logits shard [b, s, V/tp] and global label ids.
+
+    Pass the logits in the model's dtype (bf16): the math is fp32 chunk by chunk, and no full-size fp32
+    copy is made (an upcast before the call would make one and keep it for backward).
+    """
+    if state.tensor_size() == 1 and label_smoothing == 0.0 and fused_enabled():
         return _single_rank_ce(logits_shard, labels, ignore_index)
     return _VocabParallelCE.apply(logits_shard, labels, float(label_smoothing), ignore_index)
