@@ -135,6 +135,7 @@ class TrainConfig:
     eval_interval: int = 100
     eval_iters: int = 10
     activation_checkpointing: str = "none"  # none | full | selective
+    compile: str = "auto"  # auto | none | fused | blocks: torch.compile of the model (auto: the device's fastest)
     exit_duration_minutes: Optional[float] = None  # save and exit (code 75) after this long
     exit_interval: int = 0  # save and exit (code 0) at steps divisible by this; 0 = off (Megatron's --exit-interval)
     max_skipped_steps: int = 10
@@ -216,6 +217,7 @@ CHOICES = {
     "parallel.pipeline_partition": ("uniform", "parameters"),
     "precision": PRECISIONS,
     "train.activation_checkpointing": ("none", "full", "selective"),
+    "train.compile": ("auto", "none", "fused", "blocks"),
     "optim.name": ("adamw",),
     "optim.schedule": ("constant", "linear", "cosine", "inverse_sqrt", "wsd"),
     "run.log_level": ("debug", "info", "warning", "error"),

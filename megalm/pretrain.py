@@ -96,6 +96,7 @@ def _run(args: argparse.Namespace, rank: int, world: int, info: dict, preempt) -
     from megalm.data.tokenizer import Tokenizer
     from megalm.distributed import device
     from megalm.errors import ConfigError
+    from megalm.model.compile import resolve_compile
     from megalm.objectives import build_objective
     from megalm.training.checkpoint import Checkpointer
     from megalm.training.data import build_iterators
@@ -113,7 +114,8 @@ def _run(args: argparse.Namespace, rank: int, world: int, info: dict, preempt) -
     vocab = cfg.model.vocab_size or tokenizer.vocab_size
     if vocab < tokenizer.vocab_size:
         raise ConfigError(f"model.vocab_size ({vocab}) is smaller than the tokenizer's ({tokenizer.vocab_size})")
-    cfg = cfg.replace(model=dataclasses.replace(cfg.model, vocab_size=vocab))
+    cfg = cfg.replace(model=dataclasses.replace(cfg.model, vocab_size=vocab),
+                      train=dataclasses.replace(cfg.train, compile=resolve_compile(cfg.train.compile, device().type)))
     if rank == 0:
         os.makedirs(cfg.run.dir, exist_ok=True)
         with open(os.path.join(cfg.run.dir, "config.yaml"), "w") as f:

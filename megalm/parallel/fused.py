@@ -1,21 +1,21 @@
 """Optional fused kernels: small memory-bound functions (norm, activation, RoPE, loss) run through
 torch.compile, which fuses each into one or two loops instead of many full-tensor passes.
 
-Off by default (compiling costs ~10 s per function once); turn on with
-``enable()`` or ``MEGALM_FUSED_KERNELS=1``. The eager and compiled versions
-compute the same math; tests run eager.
+Off until ``enable()``: training turns it on through the ``train.compile``
+config key (``fused`` or ``blocks``, see megalm.model.compile), so the choice
+is recorded in the run's config.yaml. The eager and compiled versions compute
+the same math.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-import os
 from typing import Callable
 
 log = logging.getLogger(__name__)
 
-_STATE = {"enabled": os.environ.get("MEGALM_FUSED_KERNELS", "0") not in ("", "0", "false")}
+_STATE = {"enabled": False}
 
 
 def enable(on: bool = True) -> None:

@@ -80,6 +80,7 @@ def build_engine(cfg: Config, ds_config: dict, vocab_size: int, objective: Objec
         ds_config = {**ds_config, "gradient_clipping": 0.0}
 
     from megalm.model import build_model, pipeline_layers
+    from megalm.model.compile import apply_compile
     from megalm.parallel import state
 
     tp, pp = cfg.parallel.tensor, cfg.parallel.pipeline
@@ -112,6 +113,7 @@ def build_engine(cfg: Config, ds_config: dict, vocab_size: int, objective: Objec
             partition_method="type:BlockPipe" if cfg.parallel.pipeline_partition == "uniform" else "parameters",
             activation_checkpoint_interval=0,  # blocks checkpoint themselves (train.activation_checkpointing)
         )
+        apply_compile(module, cfg.train.compile)
         ds, *_ = deepspeed.initialize(
             model=module, optimizer=_optimizer(cfg, module), lr_scheduler=scheduler_factory(cfg.optim, total_iters),
             config=ds_config,
@@ -125,7 +127,7 @@ def build_engine(cfg: Config, ds_config: dict, vocab_size: int, objective: Objec
                       is_first_stage=ds.is_first_stage(), is_last_stage=ds.is_last_stage(),
                       objective=objective, guard=guard)
 
-    model = build_model(cfg, vocab_size, **objective.model_kwargs())
+    model = apply_compile(build_model(cfg, vocab_size, **objective.model_kwargs()), cfg.train.compile)
     ds, *_ = deepspeed.initialize(
         model=model, optimizer=_optimizer(cfg, model), lr_scheduler=scheduler_factory(cfg.optim, total_iters),
         config=ds_config, mpu=state.mpu(),

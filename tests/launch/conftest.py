@@ -67,6 +67,6 @@ def tiny_overrides(data: dict, run_dir: str, iters: int, **extra) -> list[str]:
         "data.prefix": data["prefix"], "data.tokenizer": data["tokenizer"], "run.dir": run_dir,
         "run.tensorboard": "false", "train.iters": iters, "train.log_interval": 1, "train.eval_iters": 0,
         "model.num_layers": 2, "model.hidden_size": 64, "model.num_heads": 4, "model.seq_length": 64,
-        "train.micro_batch_size": 2, "train.global_batch_size": 4, **extra,
+        "train.micro_batch_size": 2, "train.global_batch_size": 4, "train.compile": "none", **extra,
     }
     return ["--set", *(f"{k}={v}" for k, v in items.items())]

@@ -163,7 +163,7 @@ def test_estimate_tracks_peak_memory_of_cpu_training(tiny_data, tmp_path):
             run_dir = str(tmp_path / f"{prec}_{size}")
             overrides = [f"data.prefix={tiny_data['prefix']}", f"data.tokenizer={tiny_data['tokenizer']}",
                          f"run.dir={run_dir}", "run.tensorboard=false", "train.iters=2", "train.log_interval=1",
-                         "train.eval_iters=0", "checkpoint.save_at_end=false", *shape, *extra]
+                         "train.eval_iters=0", "checkpoint.save_at_end=false", "train.compile=none", *shape, *extra]
             proc = subprocess.run(
                 [sys.executable, os.path.join(REPO, "megalm", "pretrain.py"), "--config",
                  os.path.join(REPO, "configs", "gpt_tiny.yaml"), "--set", *overrides],

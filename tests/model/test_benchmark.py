@@ -12,7 +12,7 @@ def test_train_step_benchmark_reports_json():
     cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "train_step.py"), "--layers", "1", "--hidden", "64",
            "--heads", "4", "--kv-heads", "2", "--ffn", "128", "--vocab", "256", "--seq", "32", "--batch", "2",
            "--pos", "rope", "--norm", "rmsnorm", "--act", "swiglu", "--no-bias", "--untied", "--dtype", "bf16",
-           "--steps", "1", "--warmup", "1", "--no-fused", "--compare-hf", "--json"]
+           "--steps", "1", "--warmup", "1", "--compile", "none", "--compare-hf", "--json"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr[-2000:]

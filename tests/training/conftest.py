@@ -43,6 +43,7 @@ TINY = [
     "precision=fp32", "train.iters=10", "train.micro_batch_size=2", "train.global_batch_size=8",
     "train.log_interval=1", "train.eval_interval=1000", "train.eval_iters=0", "optim.lr=3e-3",
     "optim.warmup_iters=2", "optim.clip_grad=1.0", "checkpoint.save_at_end=false", "run.tensorboard=false",
+    "train.compile=none",  # eager: compiling costs more than a few tiny steps (tests/model/test_compile.py: default)
 ]
 
 
