@@ -84,3 +84,39 @@ def test_vocab_parallel_matches_gathered_cross_entropy():
     for rank_result in run_ranks(_sharded, 2):
         for loss_err, grad_err in rank_result:
             assert loss_err < 1e-5 and grad_err < 1e-5
+
+
+@pytest.mark.parametrize("objective", ["clm", "mlm"])
+def test_losses_keep_no_fp32_copy_of_bf16_logits(objective):
+    """The objectives' loss on bf16 logits: fp32 result equal to the upcast reference, and nothing of the
+    logits' size saved for backward in fp32 (an upcast before the loss would save one)."""
+    from megalm.objectives.clm import masked_token_loss
+
+    logits, labels = _data(v=64, dtype=torch.bfloat16)
+    labels = labels.clamp(min=0)
+    mask = torch.ones(labels.shape)
+    mask[0, 2] = 0.0
+    saved = []
+
+    def pack(t):
+        saved.append((t.numel(), t.dtype))
+        return t
+
+    x = logits.clone().requires_grad_()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        if objective == "clm":
+            loss = masked_token_loss(x, labels, mask)
+        else:
+            from megalm.objectives.mlm import MaskedLM
+
+            mlm = MaskedLM.__new__(MaskedLM)
+            mlm.cfg = type("Cfg", (), {"objective": type("O", (), {"binary_head": "none"})()})()
+            loss = mlm.loss((x, None), (labels, mask, None))
+    loss.backward()
+    ref = logits.float().requires_grad_()
+    ref_loss = (F.cross_entropy(ref.flatten(0, 1), labels.flatten(), reduction="none") * mask.flatten()).sum() / mask.sum()
+    ref_loss.backward()
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(x.grad.float(), ref.grad, atol=1e-2 / labels.numel(), rtol=1e-2)  # bf16 grad
+    assert not [s for s in saved if s[0] >= logits.numel() and s[1] == torch.float32], saved
