@@ -94,7 +94,8 @@ def hf_runner(a: argparse.Namespace, tok: str):
     conf._attn_implementation = "sdpa"
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(conf).to(torch.bfloat16)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    # fused: what HF's Trainer uses by default with torch >= 2.8 (adamw_torch_fused), as megalm does
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
     g = torch.Generator().manual_seed(0)
     b, s = 8, 512
     ids = torch.randint(0, 4000, (b, s + 1), generator=g)

@@ -76,7 +76,7 @@ def ours(a: argparse.Namespace, dtype: torch.dtype, mode: str = "none", inputs: 
     from megalm.parallel.cross_entropy import vocab_parallel_cross_entropy
 
     model = apply_compile(build_model(make_cfg(a), a.vocab).to(dtype), mode)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # as megalm trains and HF's Trainer
     inputs = inputs or {}
 
     def step(ids: torch.Tensor, labels: torch.Tensor) -> float:
@@ -99,7 +99,7 @@ def hf(a: argparse.Namespace, dtype: torch.dtype, position_ids: torch.Tensor | N
     conf._attn_implementation = "sdpa"
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(conf).to(dtype)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # as megalm trains and HF's Trainer
 
     def step(ids: torch.Tensor, labels: torch.Tensor) -> float:
         loss = model(input_ids=ids, labels=labels, position_ids=position_ids).loss
