@@ -22,8 +22,12 @@ BLOCK = 128  # FlexAttention's default block size
 @dataclass(frozen=True)
 class Documents:
     segment_ids: torch.Tensor  # int [b, s], non-decreasing along s (documents are runs)
-    spans: tuple  # per sample: ((start, end), ...) of its documents, in order
     block_mask: Optional[object] = None  # torch.nn.attention.flex_attention.BlockMask, or None
+
+    @functools.cached_property
+    def spans(self) -> tuple:
+        """Per sample: ((start, end), ...) of its documents; computed on first use (a host sync on CUDA)."""
+        return document_spans(self.segment_ids)
 
 
 def document_spans(segment_ids: torch.Tensor) -> tuple:
@@ -81,7 +85,7 @@ def packed_documents(segment_ids: torch.Tensor, flex: Optional[bool] = None) -> 
         return None
     if flex is None:
         flex = seg.is_cuda and seg.size(1) % BLOCK == 0
-    return Documents(seg, document_spans(seg), document_block_mask(seg) if flex else None)
+    return Documents(seg, document_block_mask(seg) if flex else None)
 
 
 @functools.lru_cache(maxsize=1)
