@@ -38,7 +38,7 @@ step "4/7 pretrain configs/gpt_tiny.yaml: data parallel on 2 CPU ranks, bf16 (de
 rm -rf "$RUN"
 OMP_NUM_THREADS=1 deepspeed --num_gpus 2 megalm/pretrain.py --config configs/gpt_tiny.yaml \
   --set precision=bf16 train.iters="$ITERS" train.log_interval=10 train.eval_interval=50 \
-  run.dir="$RUN" 2>&1 | grep -v -E "^\[|^W[0-9]|warnings.warn|UserWarning" || true
+  run.dir="$RUN" 2>&1 | grep --line-buffered -v -E "^\[|^W[0-9]|warnings.warn|UserWarning" || true
 [ -f "$RUN/checkpoints/latest" ] || { echo "training did not finish: see the output above" >&2; exit 1; }
 
 step "5/7 validation perplexity and the loss curve"

@@ -7,7 +7,9 @@ which hold start-up and compilation, are dropped), then times
 ``transformers.LlamaForCausalLM`` forward + backward + AdamW of the same shape
 for as many steps in this process. Ratios are per round; min and median are
 printed. ``--documents`` packs documents (``objective.reset_attention_mask``)
-and gives HF its packed-sequence support (position ids restarting per document).
+and gives HF its packed-sequence support (position ids restarting per document,
+as often as documents start in the data: the bundled corpus's documents are
+~3,700 tokens, so most 512-token samples hold one or two).
 
     flock /tmp/bench.lock python benchmarks/pretrain_vs_hf.py --rounds 3 [--documents]
 """
@@ -82,7 +84,7 @@ def run_pretrain(a: argparse.Namespace, tok: str, prefix: str, run_dir: str) -> 
     return mean("tokens_per_sec"), mean("tflops"), mean("mfu"), len(recs) * a.log_interval, mode
 
 
-def hf_runner(a: argparse.Namespace, tok: str):
+def hf_runner(a: argparse.Namespace, prefix: str):
     """A step function for LlamaForCausalLM at the same shape (its config derived from megalm's), bf16, AdamW."""
     import transformers
 
@@ -100,12 +102,16 @@ def hf_runner(a: argparse.Namespace, tok: str):
     b, s = 8, 512
     ids = torch.randint(0, 4000, (b, s + 1), generator=g)
     pos = None
-    if a.documents:  # four uneven documents per sample: positions restart, which HF reads as packing
-        cuts = torch.sort(torch.randint(1, s, (b, 3), generator=g), dim=1).values
-        starts = torch.zeros(b, s, dtype=torch.long).scatter_(1, cuts, 1)
+    if a.documents:  # document starts as often as in megalm's data; positions restart, which HF reads as packing
+        from megalm.data.indexed import IndexedDataset
+
+        data = IndexedDataset(prefix)
+        mean_len = sum(len(data[i]) for i in range(len(data))) / len(data)
+        starts = torch.rand(b, s, generator=g) < 1.0 / mean_len
+        starts[:, 0] = True
+        starts[0, s // 2] = True  # at least one boundary, so HF's packed path really runs
         idx = torch.arange(s).expand(b, s)
-        first = torch.where(torch.cat([torch.ones(b, 1, dtype=torch.bool), starts[:, 1:].bool()], 1), idx, 0)
-        pos = idx - first.cummax(1).values
+        pos = idx - torch.where(starts, idx, 0).cummax(1).values
 
     def step() -> None:
         loss = model(input_ids=ids[:, :-1], labels=ids[:, 1:], position_ids=pos).loss
@@ -134,7 +140,7 @@ def _time(fn) -> float:
 def main(argv=None) -> int:
     a = parse(argv)
     tok, prefix = prepare(a.work)
-    hf_step = hf_runner(a, tok)
+    hf_step = hf_runner(a, prefix)
     for _ in range(2):
         hf_step()  # warm-up
     rows = []
