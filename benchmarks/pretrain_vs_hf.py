@@ -42,7 +42,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--skip", type=int, default=1, help="logged intervals dropped per round (start-up, compile)")
     p.add_argument("--hf-steps", type=int, default=None, help="timed HF steps per round (default: the steps kept)")
     p.add_argument("--documents", action="store_true", help="packed documents: reset_attention_mask on both sides")
-    p.add_argument("--set", dest="extra", nargs="+", default=[], help="more pretrain.py overrides, e.g. train.compile=none")
+    p.add_argument("--set", dest="extra", nargs="+", default=[],
+                   help="more pretrain.py overrides, e.g. train.compile=none")
     p.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "megalm_pretrain_bench"),
                    help="tokenizer + data are built here once and reused")
     p.add_argument("--json", action="store_true")

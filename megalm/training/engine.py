@@ -61,8 +61,12 @@ def _optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         return DeepSpeedCPUAdam(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, adamw_mode=True)
-    # fused: one kernel over all tensors (torch's CPU and CUDA AdamW; ~3x the default per-tensor loop on CPU)
-    return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=True)
+    # fused: one kernel over all tensors (torch's CPU and CUDA AdamW; ~3x the default per-tensor loop on CPU);
+    # torch before 2.4 has no CPU one
+    try:
+        return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=True)
+    except (RuntimeError, ValueError):
+        return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
 
 
 def megalm_clips(cfg: Config) -> bool:

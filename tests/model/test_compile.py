@@ -73,8 +73,10 @@ def test_a_block_that_fails_to_compile_runs_eagerly_with_one_warning(monkeypatch
 def test_default_compile_is_written_to_config_yaml_and_trains_like_eager(tiny_data, tmp_path):
     """The default (auto) resolves to the CPU's mode in config.yaml; its losses equal eager's (fp32)."""
     sets = ["train.iters=4", "model.hidden_size=128"]
-    _, eager, _ = run_pretrain(tiny_data, tmp_path / "eager", launcher="python", overrides=sets + ["train.compile=none"])
-    _, default, _ = run_pretrain(tiny_data, tmp_path / "default", launcher="python", overrides=sets + ["train.compile=auto"])
+    _, eager, _ = run_pretrain(tiny_data, tmp_path / "eager", launcher="python",
+                               overrides=sets + ["train.compile=none"])
+    _, default, _ = run_pretrain(tiny_data, tmp_path / "default", launcher="python",
+                                 overrides=sets + ["train.compile=auto"])
     written = C.load(os.path.join(str(tmp_path / "default"), "config.yaml"))
     assert written.train.compile == FASTEST["cpu"] != "auto"
     assert C.load(os.path.join(str(tmp_path / "eager"), "config.yaml")).train.compile == "none"

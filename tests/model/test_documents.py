@@ -105,7 +105,8 @@ def test_bert_key_padding_matches_dense_mask():
     ctx = attention_context(2, 24, False, torch.device("cpu"), padding_mask=pad)
     assert ctx.mask is None and ctx.key_padding.shape == (2, 1, 1, 24)
     model = build_model(cfg, VOCAB)
-    ref_logits, ref_grads = _run(model, labels, input_ids=ids, attention_mask=pad[:, None, None, :].expand(2, 1, 24, 24))
+    dense = pad[:, None, None, :].expand(2, 1, 24, 24)
+    ref_logits, ref_grads = _run(model, labels, input_ids=ids, attention_mask=dense)
     logits, grads = _run(model, labels, input_ids=ids, padding_mask=pad)
     torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=0)
     for n in grads:

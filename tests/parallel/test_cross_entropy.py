@@ -114,7 +114,8 @@ def test_losses_keep_no_fp32_copy_of_bf16_logits(objective):
             loss = mlm.loss((x, None), (labels, mask, None))
     loss.backward()
     ref = logits.float().requires_grad_()
-    ref_loss = (F.cross_entropy(ref.flatten(0, 1), labels.flatten(), reduction="none") * mask.flatten()).sum() / mask.sum()
+    per_token = F.cross_entropy(ref.flatten(0, 1), labels.flatten(), reduction="none")
+    ref_loss = (per_token * mask.flatten()).sum() / mask.sum()
     ref_loss.backward()
     assert loss.dtype == torch.float32
     torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=1e-6)
