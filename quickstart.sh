@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# megalm quick start: set up, then really pretrain a small GPT on this CPU (about 5 minutes on 2 cores).
+# megalm quick start: set up, then really pretrain a small GPT on this CPU (~2 minutes on 2 quiet cores).
 #   bash quickstart.sh                 # creates .venv, installs megalm, runs everything
 #   MEGALM_NO_VENV=1 bash quickstart.sh  # use the current Python environment instead
 # Steps: install -> train a SentencePiece tokenizer on the bundled Jane Austen corpus -> preprocess to
