@@ -327,3 +327,38 @@ def load_tokenizer(path: str, kind: Optional[str] = None, merges_file: Optional[
 
 def _nonneg(i: int) -> Optional[int]:
     return int(i) if i >= 0 else None
+
+
+def tokenizer_files(path: str) -> dict[str, str]:
+    """{file name: source} that carry the tokenizer at ``path`` (for checkpoints), without loading it."""
+    kind = detect_kind(path)
+    if kind == "sentencepiece":
+        return {"tokenizer.model": os.path.join(path, "tokenizer.model") if os.path.isdir(path) else path}
+    if kind == "gpt2bpe":
+        vocab = os.path.join(path, "vocab.json") if os.path.isdir(path) else path
+        return {"vocab.json": vocab, "merges.txt": os.path.join(os.path.dirname(os.path.abspath(vocab)), "merges.txt")}
+    file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
+    out = {"tokenizer.json": file}
+    d = os.path.dirname(os.path.abspath(file))
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        if os.path.isfile(os.path.join(d, name)):
+            out[name] = os.path.join(d, name)
+    return out
+
+
+def copy_tokenizer(path: str, dest_dir: str) -> None:
+    """Copy the files of the tokenizer at ``path`` into ``dest_dir`` (a checkpoint's megalm/ directory)."""
+    import shutil
+
+    for name, src in tokenizer_files(path).items():
+        if os.path.isfile(src):
+            shutil.copyfile(src, os.path.join(dest_dir, name))
+
+
+def saved_tokenizer(d: str) -> Optional[str]:
+    """The tokenizer path ``copy_tokenizer`` left in ``d``, or None."""
+    for name in ("tokenizer.json", "vocab.json", "tokenizer.model"):
+        p = os.path.join(d, name)
+        if os.path.isfile(p):
+            return p
+    return None
