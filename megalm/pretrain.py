@@ -127,9 +127,10 @@ def _run(args: argparse.Namespace, rank: int, world: int, info: dict, preempt) -
     _write_run_info(cfg, engine, rank, world)
     checkpointer = Checkpointer(cfg, engine, rank, world, tokenizer_path=cfg.data.tokenizer)
     start_step, consumed = checkpointer.load()
-    train_batches, valid_batches = build_iterators(cfg, tokenizer, objective, consumed, engine.dp_rank, engine.dp_size)
+    train_batches, valid_batches, test_batches = build_iterators(cfg, tokenizer, objective, consumed, engine.dp_rank,
+                                                                 engine.dp_size)
     return run(cfg, engine, objective, train_batches, valid_batches, checkpointer, start_step, consumed,
-               device(), world, rank, preempt)
+               device(), world, rank, preempt, test_batches=test_batches)
 
 
 def _write_run_info(cfg, engine, rank: int, world: int) -> None:
