@@ -175,6 +175,19 @@ def _encodable(doc: dict) -> bool:
         return False
 
 
+# documents longer than this are encoded alone, in pieces (tokenizer.encode_long): bounded memory
+LONG_DOC_CHARS = 1 << 22
+
+
+def _encode(tok, texts: list, dtype) -> list:
+    """Token ids per text: a batch for the usual documents, an array per very long one."""
+    long = {i for i, t in enumerate(texts) if len(t) > LONG_DOC_CHARS}
+    if not long:
+        return tok.encode_batch(texts)
+    short = iter(tok.encode_batch([t for i, t in enumerate(texts) if i not in long]))
+    return [tok.encode_long(t, dtype) if i in long else next(short) for i, t in enumerate(texts)]
+
+
 def _fits(tok, docs: list) -> list[bool]:
     """Which documents encode alone without a MemoryError (after a batch ran out of memory)."""
     ok = []
@@ -192,7 +205,10 @@ def _pack(ids: list, doc_of: np.ndarray, n_docs: int, eod: Optional[int], dtype:
     """Flat tokens, per-sequence lengths and per-document sequence counts (empty sentences dropped)."""
     lens = np.fromiter(map(len, ids), np.int64, count=len(ids))
     total = int(lens.sum())
-    tokens = np.fromiter(itertools.chain.from_iterable(ids), dtype, count=total)
+    if any(isinstance(x, np.ndarray) for x in ids):  # a very long document came back as an array
+        tokens = np.concatenate([np.asarray(x, dtype) for x in ids]) if ids else np.zeros(0, dtype)
+    else:
+        tokens = np.fromiter(itertools.chain.from_iterable(ids), dtype, count=total)
     keep = lens > 0
     lens, doc_of = lens[keep], doc_of[keep]
     seqs_per_doc = np.bincount(doc_of, minlength=n_docs).astype(np.int64)
@@ -241,7 +257,7 @@ def encode_chunk(task: tuple[int, int, bytes]) -> dict:
                 for d, doc in enumerate(docs):
                     texts.extend(doc[key])
                     doc_of.extend([d] * len(doc[key]))
-                ids = tok.encode_batch(texts) if texts else []
+                ids = _encode(tok, texts, _W["dtype"]) if texts else []
                 out[key] = _pack(ids, np.array(doc_of, np.int64), len(docs),
                                  _W["eod"] if opts.append_eod else None, _W["dtype"])
                 del ids

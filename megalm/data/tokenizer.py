@@ -58,6 +58,12 @@ class BaseTokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         raise NotImplementedError
 
+    def encode_long(self, text: str, dtype) -> np.ndarray:
+        """``encode(text)`` as an array, in ~1M-character pieces cut where the tokenizer provably cuts too
+        (so a 200 MB document costs a few times its size, not a Python int per token at once); whole when
+        this tokenizer has no such cut point."""
+        return np.asarray(self.encode(text), dtype)
+
     def id_to_piece(self, i: int) -> str:
         raise NotImplementedError
 
@@ -146,6 +152,36 @@ class SentencePieceTokenizer(BaseTokenizer):
     def id_to_piece(self, i: int) -> str:
         return self.sp.id_to_piece(int(i))
 
+    def encode_long(self, text: str, dtype) -> np.ndarray:
+        # "\n" as a user-defined piece is atomic and no piece spans it, so with identity normalisation
+        # encode(a + "\n" + b) == encode(a) + encode_without_dummy_prefix("\n" + b)
+        nodp = self._no_dummy_prefix()
+        if nodp is None:
+            return super().encode_long(text, dtype)
+        parts, first = [], True
+        for piece in _cuts(text, newline_first=True):
+            parts.append(np.asarray((self.sp if first else nodp).encode(piece, out_type=int), dtype))
+            first = False
+        return np.concatenate(parts) if parts else np.zeros(0, dtype)
+
+    def _no_dummy_prefix(self):
+        if not hasattr(self, "_nodp"):
+            import sentencepiece as spm
+            from sentencepiece import sentencepiece_model_pb2 as pb
+
+            self._nodp = None
+            proto = pb.ModelProto()
+            with open(self.model_path, "rb") as f:
+                proto.ParseFromString(f.read())
+            nl = [p for p in proto.pieces if p.piece == "\n" and p.type == 4]  # USER_DEFINED
+            norm = proto.normalizer_spec
+            if nl and not len(norm.precompiled_charsmap) and not norm.remove_extra_whitespaces:
+                norm.add_dummy_prefix = False
+                sp = spm.SentencePieceProcessor()
+                sp.LoadFromSerializedProto(proto.SerializeToString())
+                self._nodp = sp
+        return self._nodp
+
     def _is_word_start_piece(self, i: int) -> bool:
         sp = self.sp
         return (sp.id_to_piece(i).startswith(WORD_START) or sp.is_control(i) or sp.is_unknown(i)
@@ -175,6 +211,36 @@ class _FastTokenizer(BaseTokenizer):
         if isinstance(ids, np.ndarray):
             ids = ids.tolist()
         return self.tok.decode(list(ids), skip_special_tokens=False)
+
+    def encode_long(self, text: str, dtype) -> np.ndarray:
+        # GPT-2 / Llama-3 regexes end a pre-token at a newline followed by a non-space, and nothing merges
+        # across pre-tokens: encode is additive there; the post-processor's specials go around the whole
+        plan = self._long_plan()
+        if plan is None:
+            return super().encode_long(text, dtype)
+        prefix, suffix = plan
+        parts = [np.asarray(prefix, dtype)]
+        parts += [np.asarray(self.tok.encode(p, add_special_tokens=False).ids, dtype)
+                  for p in _cuts(text, newline_first=False)]
+        parts.append(np.asarray(suffix, dtype))
+        return np.concatenate(parts)
+
+    def _long_plan(self):
+        if not hasattr(self, "_plan"):
+            self._plan = None
+            spec = json.loads(self.tok.to_str())
+            pre = spec.get("pre_tokenizer") or {}
+            steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+            ok = spec.get("normalizer") is None and bool(steps) and all(_additive_step(s) for s in steps)
+            ok = ok and not any("\n" in t.content for t in self.tok.get_added_tokens_decoder().values())
+            if ok:
+                probe = "x"
+                inner = self.tok.encode(probe, add_special_tokens=False).ids
+                full = self.tok.encode(probe).ids
+                at = next((i for i in range(len(full) - len(inner) + 1) if full[i:i + len(inner)] == inner), None)
+                if at is not None:
+                    self._plan = (full[:at], full[at + len(inner):])
+        return self._plan
 
     def id_to_piece(self, i: int) -> str:
         p = self.tok.id_to_token(int(i))
@@ -269,6 +335,40 @@ class GPT2BPETokenizer(_FastTokenizer):
 
     def files(self) -> dict[str, str]:
         return {"vocab.json": self.model_path, "merges.txt": self.merges_path}
+
+
+LONG_PIECE_CHARS = 1 << 20
+# pre-tokenizer regexes after which "\n" + a non-space always starts a new pre-token (GPT-2's, Llama-3's)
+_ADDITIVE_SPLITS = {
+    r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+",
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+}
+
+
+def _additive_step(step: dict) -> bool:
+    if step.get("type") == "ByteLevel":
+        return not step.get("add_prefix_space", False)
+    if step.get("type") == "Split":
+        return step.get("pattern", {}).get("Regex") in _ADDITIVE_SPLITS and step.get("behavior") == "Isolated"
+    return False
+
+
+def _cuts(text: str, newline_first: bool, size: Optional[int] = None):
+    """Pieces of ``text`` of about ``size`` characters, cut at a newline: each piece after the first starts
+    with the newline (``newline_first``) or with the non-space character after it."""
+    size = size or LONG_PIECE_CHARS
+    pos, n = 0, len(text)
+    while n - pos > size:
+        k = text.find("\n", pos + size)
+        if not newline_first:
+            while k >= 0 and (k + 1 >= n or text[k + 1].isspace()):
+                k = text.find("\n", k + 1)
+            k = k + 1 if k >= 0 else -1
+        if k < 0:
+            break
+        yield text[pos:k]
+        pos = k
+    yield text[pos:]
 
 
 def _special_names(d: str) -> dict:
