@@ -167,3 +167,24 @@ def test_hf_export_files_round_trip(tmp_path, bytelevel_dir, gpt2_dir, texts):
         hf = AutoTokenizer.from_pretrained(str(out))
         assert ids["eos_token_id"] == ours.eod == hf.eos_token_id
         assert all(hf(t).input_ids == ours.encode(t) for t in texts)
+
+
+@pytest.mark.parametrize("kind", ["sentencepiece", "huggingface", "gpt2bpe"])
+def test_long_documents_encode_in_pieces_identically(tmp_path, monkeypatch, kind, tokenizer_path, bytelevel_dir,
+                                                     gpt2_dir, corpus_texts):
+    import megalm.data.preprocess as pp
+    import megalm.data.tokenizer as T
+
+    path = {"sentencepiece": tokenizer_path, "huggingface": bytelevel_dir, "gpt2bpe": gpt2_dir}[kind]
+    tok = load_tokenizer(path)
+    long_doc = "\n".join(corpus_texts[:30]) + "\n\n  indented\n"
+    whole = tok.encode(long_doc)
+    monkeypatch.setattr(T, "LONG_PIECE_CHARS", 2000)
+    monkeypatch.setattr(pp, "LONG_DOC_CHARS", 10_000)
+    assert len(list(T._cuts(long_doc, kind == "sentencepiece"))) > 20
+    out = str(tmp_path / "o")
+    texts = [corpus_texts[0], long_doc, "short"]
+    preprocess([_corpus(tmp_path, texts)], out, path, Options(append_eod=True), workers=0, progress=False)
+    expect = [[tok.encode(t) + [tok.eod]] for t in texts]
+    assert expect[1][0][:-1] == whole
+    assert read(out + "_text_document") == reference_bytes(expect)
