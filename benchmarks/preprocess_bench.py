@@ -145,7 +145,7 @@ def main() -> None:
         ours.append(wall)
     ratios = [o / f for o, f in zip(ours, floors)]
     print(f"floor  bare batch encode ({cores} threads): " + ", ".join(f"{x:.2f}s" for x in floors))
-    print(f"megalm tools/preprocess.py (whole run: start-up, read, parse, encode, write): "
+    print("megalm tools/preprocess.py (whole run: start-up, read, parse, encode, write): "
           + ", ".join(f"{x:.2f}s" for x in ours))
     print(f"ratio megalm/floor per pair: {', '.join(f'{r:.2f}' for r in ratios)}; "
           f"median {statistics.median(ratios):.2f}x (target <= 1.2)")

@@ -13,7 +13,7 @@ import logging
 import math
 import os
 import time
-from typing import Optional, Sequence, Union
+from typing import Optional, Union
 
 import numpy as np
 
