@@ -247,6 +247,8 @@ def encode_chunk(task: tuple[int, int, bytes]) -> dict:
                 continue
         docs.append(doc)
         line_nos.append(first_line + i)
+    n_lines = len(lines)
+    del lines  # the parsed documents are all that is needed now (a 200 MB line is held once, not twice)
 
     keys = opts.json_keys
     out: dict[str, Any] = {}
@@ -282,7 +284,7 @@ def encode_chunk(task: tuple[int, int, bytes]) -> dict:
     bad.extend((line_nos[d], "empty", "") for d in np.flatnonzero(empty))
     hashes = np.array([_doc_hash(d) for d in docs], np.uint64) if opts.clean.dedup else None
     return {
-        "file": file_index, "lines": len(lines), "bytes": len(blob), "blank": blank,
+        "file": file_index, "lines": n_lines, "bytes": len(blob), "blank": blank,
         "bad": sorted(bad), "arrays": out, "empty": empty, "hashes": hashes, "line_nos": line_nos,
     }
 
