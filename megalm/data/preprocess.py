@@ -507,9 +507,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         raise DataError(f"--workers must be >= 0, got {args.workers}")
     model = args.tokenizer_model
     if args.tokenizer_type == "GPT2BPETokenizer" or (args.vocab_file and not model):
-        if not args.vocab_file:
+        model = args.vocab_file or model  # --tokenizer-model may name vocab.json or its directory too
+        if not model:
             raise DataError("--tokenizer-type GPT2BPETokenizer needs --vocab-file (vocab.json) and --merge-file")
-        model = args.vocab_file
+        args.vocab_file = model
     elif args.vocab_file or args.merge_file:
         raise DataError("--vocab-file/--merge-file are for --tokenizer-type GPT2BPETokenizer; "
                         "give a tokenizer.json or .model with --tokenizer-model")
