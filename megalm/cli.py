@@ -21,7 +21,7 @@ SUBCOMMANDS = {
     "config": ("megalm.config_cli", "show the resolved config and the DeepSpeed JSON it derives"),
     "train": ("megalm.pretrain", "pretrain a model (same as megalm/pretrain.py)"),
     "preprocess": ("megalm.data.preprocess", "tokenize JSONL into Megatron .bin/.idx files"),
-    "train-tokenizer": ("megalm.data.train_tokenizer", "train a SentencePiece tokenizer on JSONL"),
+    "train-tokenizer": ("megalm.data.train_tokenizer", "train a SentencePiece or byte-level BPE tokenizer on JSONL"),
     "merge-datasets": ("megalm.data.merge", "concatenate .bin/.idx shards into one dataset"),
     "convert-to-hf": ("megalm.hf.export", "export a checkpoint to Hugging Face format"),
     "convert-from-hf": ("megalm.hf.import_hf", "import Hugging Face weights into a checkpoint"),

@@ -119,8 +119,11 @@ class LossScaleConfig:
 @dataclass(frozen=True)
 class DataConfig:
     prefix: Union[str, list, None] = None  # one prefix, or [w1, prefix1, w2, prefix2, ...]
-    tokenizer: Optional[str] = None  # SentencePiece .model
+    tokenizer: Optional[str] = None  # SentencePiece .model, tokenizer.json (or its dir), or GPT-2 vocab.json
     split: str = "969,30,1"
+    train: Union[str, list, None] = None  # instead of prefix+split: this prefix/blend, whole, for training
+    valid: Union[str, list, None] = None  # ... for evaluation every train.eval_interval
+    test: Union[str, list, None] = None  # ... evaluated once at the end
     cache_dir: Optional[str] = None  # None = <prefix dir>/cache
     num_workers: int = 0
 

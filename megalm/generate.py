@@ -225,10 +225,10 @@ def main(argv: Optional[list] = None) -> int:
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
         model, cfg, vocab, tok_path = load_model(args.checkpoint, args.step, tensor=world, device=device)
         if tok_path is None:
-            raise ConfigError(f"{args.checkpoint} carries no tokenizer.model and data.tokenizer is unset")
-        from megalm.data.tokenizer import Tokenizer
+            raise ConfigError(f"{args.checkpoint} carries no tokenizer and data.tokenizer is unset")
+        from megalm.data.tokenizer import load_tokenizer
 
-        tok = Tokenizer(tok_path)
+        tok = load_tokenizer(tok_path)
         prompt_ids = ([tok.bos] if args.bos and tok.bos is not None else []) + tok.encode(args.prompt)
         out = generate(model, prompt_ids, args.max_new_tokens, sampling, None if args.no_stop else tok.eos)
         new = out[len(prompt_ids):]

@@ -93,7 +93,7 @@ def _run(args: argparse.Namespace, rank: int, world: int, info: dict, preempt) -
     import torch
 
     from megalm import config as C
-    from megalm.data.tokenizer import Tokenizer
+    from megalm.data.tokenizer import load_tokenizer
     from megalm.distributed import device
     from megalm.errors import ConfigError
     from megalm.model.compile import resolve_compile
@@ -109,8 +109,9 @@ def _run(args: argparse.Namespace, rank: int, world: int, info: dict, preempt) -
     if cfg.precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("precision=fp16 needs a CUDA GPU (DeepSpeed refuses fp16 on CPU); use bf16 or fp32")
     if not cfg.data.tokenizer:
-        raise ConfigError("data.tokenizer is not set: give the SentencePiece .model path")
-    tokenizer = Tokenizer(cfg.data.tokenizer)
+        raise ConfigError("data.tokenizer is not set: give a SentencePiece .model, a Hugging Face tokenizer.json "
+                          "(or its directory) or a GPT-2 vocab.json (merges.txt beside it)")
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
     vocab = cfg.model.vocab_size or tokenizer.vocab_size
     if vocab < tokenizer.vocab_size:
         raise ConfigError(f"model.vocab_size ({vocab}) is smaller than the tokenizer's ({tokenizer.vocab_size})")
@@ -128,9 +129,10 @@ def _run(args: argparse.Namespace, rank: int, world: int, info: dict, preempt) -
     _write_run_info(cfg, engine, rank, world)
     checkpointer = Checkpointer(cfg, engine, rank, world, tokenizer_path=cfg.data.tokenizer)
     start_step, consumed = checkpointer.load()
-    train_batches, valid_batches = build_iterators(cfg, tokenizer, objective, consumed, engine.dp_rank, engine.dp_size)
+    train_batches, valid_batches, test_batches = build_iterators(cfg, tokenizer, objective, consumed, engine.dp_rank,
+                                                                 engine.dp_size)
     return run(cfg, engine, objective, train_batches, valid_batches, checkpointer, start_step, consumed,
-               device(), world, rank, preempt)
+               device(), world, rank, preempt, test_batches=test_batches)
 
 
 def _write_run_info(cfg, engine, rank: int, world: int) -> None:

@@ -98,7 +98,7 @@ class BertPairDataset:
         idx = self.indexed
         description = {
             "class": "BertPairDataset", "dataset_path": os.path.abspath(idx.path_prefix),
-            "dataset_fingerprint": [len(idx), idx.num_documents, idx.num_tokens, str(idx.dtype)],
+            "dataset_fingerprint": [len(idx), idx.num_documents, idx.num_tokens, str(idx.dtype), idx.fingerprint()],
             "num_samples": num_samples, "index_split": split_name, "documents": [lo, hi], "random_seed": self.seed,
             "max_seq_length": self.max_seq_length, "short_seq_prob": short_seq_prob, "min_sentences": min_sents,
         }

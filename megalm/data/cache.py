@@ -17,6 +17,8 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from megalm.errors import DataError
+
 log = logging.getLogger(__name__)
 
 
@@ -118,9 +120,21 @@ def cached_arrays(
     from megalm.parallel import comm  # torch is loaded already: a process group is up
 
     rank = dist.get_rank()
+    # rank 0 builds; its outcome (not a bare barrier) is broadcast, so a failed build ends every rank now
+    # with rank 0's error instead of leaving them in a collective until the process-group timeout
+    status: list = [None]
+    error: Optional[BaseException] = None
     if rank == 0 and try_load() is None:
-        build_and_save()
-    comm.barrier()
+        try:
+            build_and_save()
+        except Exception as e:  # noqa: BLE001 - re-raised below, on every rank
+            error = e
+            status[0] = f"{type(e).__name__}: {e}"
+    status[0] = comm.all_gather_object(status[0])[0]  # rank 0's outcome, on the group's device
+    if error is not None:
+        raise error
+    if status[0] is not None:
+        raise DataError(f"rank 0 failed to build the index cache {stem}-* ({status[0]}); see rank 0's log")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if rank != 0 and local_rank == 0 and try_load() is None:
         build_and_save()  # this node does not share rank 0's filesystem

@@ -13,7 +13,7 @@ import logging
 import math
 import os
 import time
-from typing import Optional, Sequence, Union
+from typing import Optional, Union
 
 import numpy as np
 
@@ -190,7 +190,7 @@ class GPTDataset:
         description = {
             "class": "GPTDataset",
             "dataset_path": os.path.abspath(idx.path_prefix),
-            "dataset_fingerprint": [len(idx), idx.num_documents, idx.num_tokens, str(idx.dtype)],
+            "dataset_fingerprint": [len(idx), idx.num_documents, idx.num_tokens, str(idx.dtype), idx.fingerprint()],
             "num_samples": num_samples,
             "index_split": split_name,
             "indices": split_desc,

@@ -160,6 +160,22 @@ class IndexedDataset:
     def __setstate__(self, state: dict) -> None:
         self.__init__(state["path_prefix"])
 
+    def fingerprint(self) -> str:
+        """sha256 of the whole .idx (sizes, pointers, document boundaries: everything an index cache depends on)
+        plus its size; computed once per open. ~1.2 s per GB of .idx on one loaded core (a .idx is ~20 bytes per
+        document, so ~1 GB for 50M documents)."""
+        fp = getattr(self, "_fingerprint", None)
+        if fp is None:
+            import hashlib
+
+            h = hashlib.sha256()
+            buf = memoryview(self._idx_buf)
+            step = 64 << 20
+            for off in range(0, len(buf), step):
+                h.update(buf[off:off + step])
+            fp = self._fingerprint = f"{len(buf)}:{h.hexdigest()}"
+        return fp
+
     # ------------------------------------------------------------------ access
     def __len__(self) -> int:
         return len(self.sequence_lengths)

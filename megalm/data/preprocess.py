@@ -1,26 +1,28 @@
 """``megalm preprocess``: JSONL -> Megatron ``{prefix}_{key}_{document|sentence}.bin/.idx``, streaming.
 
-Output is byte-identical to Megatron-LM's ``tools/preprocess_data.py`` with a
-SentencePiece model and ``--append-eod`` (each document is
-``sp.encode(text)`` + eos; uint16 ids when the vocabulary is < 65500). The
-main process reads byte chunks and writes results in input order; worker
-processes parse, clean and encode whole chunks and return flat numpy arrays,
-so memory is bounded by the chunks in flight, not by the corpus. Bad lines
-are skipped and reported by file and line (``--strict`` stops at the first).
+Output is byte-identical to Megatron-LM's ``tools/preprocess_data.py`` with
+``--append-eod`` for a SentencePiece model, a Hugging Face tokenizer.json and
+GPT-2 vocab.json + merges.txt (each document is ``tokenize(text)`` + eod;
+uint16 ids when the vocabulary is < 65500). The main process reads byte
+chunks and writes results in input order; worker processes (megalm.data.workers)
+parse, clean and encode whole chunks and return flat numpy arrays, so memory
+is bounded by the chunks in flight, not by the corpus. Bad lines are skipped
+and reported by file and line (``--strict`` stops at the first).
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import hashlib
 import itertools
 import json
 import logging
-import multiprocessing as mp
 import os
 import sys
 import time
+import zlib
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional, Sequence
 
@@ -30,6 +32,8 @@ from megalm.data.clean import CleanOptions, clean_text, length_filter
 from megalm.data.indexed import IndexedDatasetWriter, optimal_dtype
 from megalm.data.jsonl import expand_inputs, open_binary
 from megalm.data.progress import Progress
+from megalm.data.tokenizer import MEGATRON_TYPES
+from megalm.data.workers import WorkerPool
 from megalm.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -38,6 +42,8 @@ REASONS = {
     "malformed_json": "malformed JSON",
     "invalid_utf8": "invalid UTF-8",
     "not_an_object": "line is not a JSON object",
+    "too_deep": "JSON nested too deeply to parse",
+    "too_big": "out of memory parsing or encoding this one document",
     "missing_key": "missing key",
     "non_string": "value is not a string (or list of strings)",
     "invalid_unicode": "text has unencodable characters (lone surrogates)",
@@ -47,8 +53,8 @@ REASONS = {
     "duplicate": "exact duplicate of an earlier document",
 }
 # reasons that are about malformed input, as opposed to filters the user asked for
-INPUT_ERRORS = ("malformed_json", "invalid_utf8", "not_an_object", "missing_key", "non_string", "invalid_unicode",
-                "empty")
+INPUT_ERRORS = ("malformed_json", "invalid_utf8", "not_an_object", "too_deep", "too_big", "missing_key",
+                "non_string", "invalid_unicode", "empty")
 
 
 @dataclass(frozen=True)
@@ -105,12 +111,14 @@ class Summary:
 _W: dict[str, Any] = {}
 
 
-def _init_worker(model_path: str, opts: Options, dtype: str) -> None:
-    import sentencepiece as spm
+def _init_worker(model_path: str, kind: str, merges: Optional[str], opts: Options, dtype: str,
+                 threads: int = 0) -> None:
+    from megalm.data.tokenizer import load_tokenizer
 
-    sp = spm.SentencePieceProcessor()
-    sp.Load(model_path)
-    _W.update(sp=sp, opts=opts, dtype=np.dtype(dtype), eod=sp.eos_id(), splitter=None)
+    if threads:  # tokenizers' Rust pool, sized before its first use in this process
+        os.environ["RAYON_NUM_THREADS"] = str(threads)
+    tok = load_tokenizer(model_path, kind, merges)
+    _W.update(tok=tok, opts=opts, dtype=np.dtype(dtype), eod=tok.eod, splitter=None)
     if opts.split_sentences:
         from megalm.data.sentences import make_splitter
 
@@ -125,6 +133,10 @@ def _parse_line(line: bytes, opts: Options, splitter) -> tuple[Optional[dict], O
         return None, "invalid_utf8", f"byte {e.start}: {e.reason}"
     except ValueError as e:
         return None, "malformed_json", str(e)
+    except RecursionError:
+        return None, "too_deep", "exceeds Python's recursion limit"
+    except MemoryError:
+        return None, "too_big", f"{len(line):,} bytes"
     if not isinstance(obj, dict):
         return None, "not_an_object", f"got {type(obj).__name__}"
     out = {}
@@ -163,11 +175,40 @@ def _encodable(doc: dict) -> bool:
         return False
 
 
+# documents longer than this are encoded alone, in pieces (tokenizer.encode_long): bounded memory
+LONG_DOC_CHARS = 1 << 22
+
+
+def _encode(tok, texts: list, dtype) -> list:
+    """Token ids per text: a batch for the usual documents, an array per very long one."""
+    long = {i for i, t in enumerate(texts) if len(t) > LONG_DOC_CHARS}
+    if not long:
+        return tok.encode_batch(texts)
+    short = iter(tok.encode_batch([t for i, t in enumerate(texts) if i not in long]))
+    return [tok.encode_long(t, dtype) if i in long else next(short) for i, t in enumerate(texts)]
+
+
+def _fits(tok, docs: list) -> list[bool]:
+    """Which documents encode alone without a MemoryError (after a batch ran out of memory)."""
+    ok = []
+    for doc in docs:
+        try:
+            for sents in doc.values():
+                tok.encode_batch(sents)
+            ok.append(True)
+        except MemoryError:
+            ok.append(False)
+    return ok
+
+
 def _pack(ids: list, doc_of: np.ndarray, n_docs: int, eod: Optional[int], dtype: np.dtype):
     """Flat tokens, per-sequence lengths and per-document sequence counts (empty sentences dropped)."""
     lens = np.fromiter(map(len, ids), np.int64, count=len(ids))
     total = int(lens.sum())
-    tokens = np.fromiter(itertools.chain.from_iterable(ids), dtype, count=total)
+    if any(isinstance(x, np.ndarray) for x in ids):  # a very long document came back as an array
+        tokens = np.concatenate([np.asarray(x, dtype) for x in ids]) if ids else np.zeros(0, dtype)
+    else:
+        tokens = np.fromiter(itertools.chain.from_iterable(ids), dtype, count=total)
     keep = lens > 0
     lens, doc_of = lens[keep], doc_of[keep]
     seqs_per_doc = np.bincount(doc_of, minlength=n_docs).astype(np.int64)
@@ -183,7 +224,7 @@ def encode_chunk(task: tuple[int, int, bytes]) -> dict:
     """Parse, clean, filter and encode one chunk of JSONL lines (runs in a worker)."""
     file_index, first_line, blob = task
     opts: Options = _W["opts"]
-    sp, splitter = _W["sp"], _W["splitter"]
+    tok, splitter = _W["tok"], _W["splitter"]
     lines = blob.split(b"\n")
     if lines and lines[-1] == b"":
         lines.pop()
@@ -206,6 +247,8 @@ def encode_chunk(task: tuple[int, int, bytes]) -> dict:
                 continue
         docs.append(doc)
         line_nos.append(first_line + i)
+    n_lines = len(lines)
+    del lines  # the parsed documents are all that is needed now (a 200 MB line is held once, not twice)
 
     keys = opts.json_keys
     out: dict[str, Any] = {}
@@ -216,16 +259,21 @@ def encode_chunk(task: tuple[int, int, bytes]) -> dict:
                 for d, doc in enumerate(docs):
                     texts.extend(doc[key])
                     doc_of.extend([d] * len(doc[key]))
-                ids = sp.encode(texts, out_type=int, num_threads=1) if texts else []
+                ids = _encode(tok, texts, _W["dtype"]) if texts else []
                 out[key] = _pack(ids, np.array(doc_of, np.int64), len(docs),
                                  _W["eod"] if opts.append_eod else None, _W["dtype"])
+                del ids
             break
-        except (UnicodeEncodeError, RuntimeError, TypeError, SystemError):
-            # one unencodable document fails the whole batch: find it, drop it, retry
+        except Exception as e:  # noqa: BLE001 - sentencepiece/tokenizers raise assorted types on bad text
+            # one bad document fails the whole batch: find it, drop it, retry
             ok = [_encodable(d) for d in docs]
+            reason, detail = "invalid_unicode", "lone surrogate"
+            if all(ok) and isinstance(e, MemoryError):
+                ok = _fits(tok, docs)
+                reason, detail = "too_big", "out of memory encoding it"
             if all(ok):
                 raise
-            bad.extend((ln, "invalid_unicode", "lone surrogate") for ln, good in zip(line_nos, ok) if not good)
+            bad.extend((ln, reason, detail) for ln, good in zip(line_nos, ok) if not good)
             docs = [d for d, good in zip(docs, ok) if good]
             line_nos = [ln for ln, good in zip(line_nos, ok) if good]
             out = {}
@@ -236,7 +284,7 @@ def encode_chunk(task: tuple[int, int, bytes]) -> dict:
     bad.extend((line_nos[d], "empty", "") for d in np.flatnonzero(empty))
     hashes = np.array([_doc_hash(d) for d in docs], np.uint64) if opts.clean.dedup else None
     return {
-        "file": file_index, "lines": len(lines), "bytes": len(blob), "blank": blank,
+        "file": file_index, "lines": n_lines, "bytes": len(blob), "blank": blank,
         "bad": sorted(bad), "arrays": out, "empty": empty, "hashes": hashes, "line_nos": line_nos,
     }
 
@@ -252,11 +300,15 @@ def _chunks(files: Sequence[str], chunk_bytes: int, pos: list) -> Iterator[tuple
         line = 1
         try:
             while True:
-                blob = f.read(chunk_bytes)
+                try:
+                    blob = f.read(chunk_bytes)
+                    if blob and not blob.endswith(b"\n"):
+                        blob += f.readline()
+                except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
+                    raise DataError(f"{path}: corrupt or truncated gzip data after line {line - 1:,} ({e}); "
+                                    "the lines before were read. Re-download or re-compress the file") from None
                 if not blob:
                     break
-                if not blob.endswith(b"\n"):
-                    blob += f.readline()
                 pos[0] = done + raw.tell()
                 yield fi, line, blob
                 line += blob.count(b"\n")
@@ -264,6 +316,12 @@ def _chunks(files: Sequence[str], chunk_bytes: int, pos: list) -> Iterator[tuple
             f.close()
         done += os.path.getsize(path)
         pos[0] = done
+
+
+def _describe_chunk(files: Sequence[str], task: tuple[int, int, bytes]) -> str:
+    fi, first, blob = task
+    last = first + max(blob.count(b"\n"), 1) - 1
+    return f"{files[fi]} lines {first:,}-{last:,}"
 
 
 def _filter_docs(arrays: tuple, keep: np.ndarray) -> tuple:
@@ -288,15 +346,24 @@ def preprocess(
     chunk_bytes: int = 1 << 20,
     progress: bool = True,
     max_reported: int = 20,
+    tokenizer_type: Optional[str] = None,
+    merges_file: Optional[str] = None,
 ) -> Summary:
-    """Tokenize ``inputs`` into indexed datasets; returns what was written and skipped."""
-    from megalm.data.tokenizer import Tokenizer
+    """Tokenize ``inputs`` into indexed datasets; returns what was written and skipped.
+
+    ``tokenizer_model`` is a SentencePiece .model, a tokenizer.json (or its directory) or a GPT-2 vocab.json
+    (``merges_file`` beside it by default); ``tokenizer_type`` (a kind or Megatron's --tokenizer-type) overrides
+    detection from the path.
+    """
+    from megalm.data.tokenizer import load_tokenizer
 
     t0 = time.time()
     files = expand_inputs(inputs)
-    tok = Tokenizer(tokenizer_model)
+    tok = load_tokenizer(tokenizer_model, tokenizer_type, merges_file)
     if opts.append_eod and tok.eod is None:
-        raise DataError(f"--append-eod: tokenizer {tokenizer_model} has no eos piece to use as end-of-document")
+        raise DataError(f"--append-eod: tokenizer {tokenizer_model} has no end-of-document token (SentencePiece: "
+                        "an eos piece; tokenizer.json: an eos_token in tokenizer_config.json or a special "
+                        "<|endoftext|>/</s>; GPT-2: <|endoftext|>)")
     dtype = np.dtype(optimal_dtype(tok.vocab_size))
     prefixes = output_prefixes(output_prefix, opts.json_keys, opts.split_sentences)
     summary = Summary(outputs=prefixes)
@@ -307,13 +374,15 @@ def preprocess(
     writers = {k: IndexedDatasetWriter(p, dtype) for k, p in prefixes.items()}
     pool = None
     try:
-        args = (tok.model_path, opts, dtype.str)
+        merges = getattr(tok, "merges_path", None)
         if workers > 0:
-            ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-            pool = ctx.Pool(workers, initializer=_init_worker, initargs=args)
-            results = _ordered(pool, _chunks(files, chunk_bytes, pos), window=2 * workers + 1)
+            threads = max(1, (os.cpu_count() or 1) // workers)
+            pool = WorkerPool(workers, encode_chunk, _init_worker, (tok.model_path, tok.kind, merges, opts,
+                                                                   dtype.str, threads),
+                              describe=functools.partial(_describe_chunk, files))
+            results = pool.ordered(_chunks(files, chunk_bytes, pos), ahead=workers + 1)
         else:
-            _init_worker(*args)
+            _init_worker(tok.model_path, tok.kind, merges, opts, dtype.str)
             results = map(encode_chunk, _chunks(files, chunk_bytes, pos))
         for res in results:
             _consume(res, files, writers, summary, seen, opts, strict, max_reported)
@@ -328,24 +397,12 @@ def preprocess(
         raise
     finally:
         if pool is not None:
-            pool.terminate()
-            pool.join()
+            pool.close()
     first = writers[opts.json_keys[0]]
     summary.documents, summary.sequences = first.num_documents, first.num_sequences
     summary.tokens = sum(w.num_tokens for w in writers.values())
     summary.seconds = time.time() - t0
     return summary
-
-
-def _ordered(pool, tasks: Iterator, window: int) -> Iterator[dict]:
-    """Results in task order with at most ``window`` chunks in flight (Pool.imap would read ahead unboundedly)."""
-    pending: collections.deque = collections.deque()
-    for task in tasks:
-        pending.append(pool.apply_async(encode_chunk, (task,)))
-        if len(pending) >= window:
-            yield pending.popleft().get()
-    while pending:
-        yield pending.popleft().get()
 
 
 def _consume(res: dict, files: Sequence[str], writers: dict, summary: Summary, seen: set, opts: Options,
@@ -401,11 +458,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--keep-newlines", action="store_true", help="with --split-sentences: keep newlines")
     g.add_argument("--lang", default="english", help="NLTK punkt language, when NLTK is installed")
     g = p.add_argument_group("tokenizer")
-    g.add_argument("--tokenizer-model", required=True, help="SentencePiece .model")
-    g.add_argument("--tokenizer-type", default="SentencePieceTokenizer",
-                   choices=["SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer"],
-                   help="accepted for Megatron-LM command-line compatibility; all mean SentencePiece")
-    g.add_argument("--append-eod", action="store_true", help="append the model's eos id to each document")
+    g.add_argument("--tokenizer-model", default=None,
+                   help="SentencePiece .model, or a Hugging Face tokenizer.json or the directory holding it")
+    g.add_argument("--tokenizer-type", default=None, choices=list(MEGATRON_TYPES),
+                   help="Megatron-LM's names; default: from the files given (SentencePiece types all mean "
+                        "SentencePiece; GPT2BPETokenizer reads --vocab-file and --merge-file)")
+    g.add_argument("--vocab-file", default=None, help="GPT-2 BPE vocab.json")
+    g.add_argument("--merge-file", default=None, help="GPT-2 BPE merges.txt (default: beside --vocab-file)")
+    g.add_argument("--append-eod", action="store_true",
+                   help="append the end-of-document id to each document (eos; GPT-2: <|endoftext|>)")
     g = p.add_argument_group("output")
     g.add_argument("--output-prefix", required=True, help="writes PREFIX_{key}_{document|sentence}.bin/.idx")
     g = p.add_argument_group("runtime")
@@ -444,8 +505,22 @@ def main(argv: Optional[list[str]] = None) -> int:
                    clean=clean, drop_empty=args.drop_empty)
     if args.workers < 0:
         raise DataError(f"--workers must be >= 0, got {args.workers}")
-    summary = preprocess(args.input, args.output_prefix, args.tokenizer_model, opts, workers=args.workers,
+    model = args.tokenizer_model
+    if args.tokenizer_type == "GPT2BPETokenizer" or (args.vocab_file and not model):
+        model = args.vocab_file or model  # --tokenizer-model may name vocab.json or its directory too
+        if not model:
+            raise DataError("--tokenizer-type GPT2BPETokenizer needs --vocab-file (vocab.json) and --merge-file")
+        args.vocab_file = model
+    elif args.vocab_file or args.merge_file:
+        raise DataError("--vocab-file/--merge-file are for --tokenizer-type GPT2BPETokenizer; "
+                        "give a tokenizer.json or .model with --tokenizer-model")
+    if not model:
+        raise DataError("give --tokenizer-model (SentencePiece .model or tokenizer.json) or "
+                        "--tokenizer-type GPT2BPETokenizer --vocab-file vocab.json --merge-file merges.txt")
+    kind = "gpt2bpe" if model == args.vocab_file else args.tokenizer_type
+    summary = preprocess(args.input, args.output_prefix, model, opts, workers=args.workers,
                          strict=args.strict, chunk_bytes=max(int(args.chunk_mb * (1 << 20)), 1 << 12),
-                         progress=not args.no_progress, max_reported=args.max_reported)
+                         progress=not args.no_progress, max_reported=args.max_reported,
+                         tokenizer_type=kind, merges_file=args.merge_file)
     print(summary.format(), file=sys.stderr)
     return 0

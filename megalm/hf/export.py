@@ -30,11 +30,13 @@ MODEL_TYPES = {"LlamaForCausalLM": "llama", "GPT2LMHeadModel": "gpt2", "BertForP
 
 
 def tokenizer_path(step_dir: str, cfg: Config) -> Optional[str]:
-    """The SentencePiece model saved with the checkpoint (or, failing that, the one the config names)."""
-    inside = os.path.join(step_dir, "megalm", "tokenizer.model")
-    if os.path.isfile(inside):
+    """The tokenizer saved with the checkpoint (or, failing that, the one the config names)."""
+    from megalm.data.tokenizer import saved_tokenizer
+
+    inside = saved_tokenizer(os.path.join(step_dir, "megalm"))
+    if inside:
         return inside
-    if cfg.data.tokenizer and os.path.isfile(cfg.data.tokenizer):
+    if cfg.data.tokenizer and os.path.exists(cfg.data.tokenizer):
         return cfg.data.tokenizer
     return None
 
@@ -200,7 +202,7 @@ def export(checkpoint: str, output: str, step: Optional[int] = None, dtype: str 
     if tok:
         ids = save_tokenizer(tok, output, model_max_length=cfg.model.max_positions, bert_pairs=cls == mapping.BERT)
     else:
-        log.warning("no tokenizer.model in %s and data.tokenizer is unset: exporting the model without tokenizer files",
+        log.warning("no tokenizer in %s and data.tokenizer is unset: exporting the model without tokenizer files",
                     step_dir)
     special = {k: ids[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in ids}
     if cls in (mapping.BERT, PLM_ENCODER, PLM_ENCODER_SWIGLU):

@@ -104,8 +104,7 @@ def import_hf(model_dir: str, output: str, overrides: Optional[list] = None, ste
     raw["model"]["vocab_size"] = hf["vocab_size"]
     if cls == mapping.BERT:
         raw.setdefault("objective", {})["name"] = "mlm"
-    tok = os.path.join(model_dir, "tokenizer.model")
-    tok = tok if os.path.isfile(tok) else None
+    tok = _model_tokenizer(model_dir, ours=os.path.isfile(info_path))
     raw.setdefault("data", {})
     if tok:
         raw["data"]["tokenizer"] = os.path.abspath(tok)
@@ -119,10 +118,21 @@ def import_hf(model_dir: str, output: str, overrides: Optional[list] = None, ste
     os.makedirs(root, exist_ok=True)
     step_dir = write_checkpoint(root, cfg, vocab, weights, tokenizer_path=tok, step=step)
     if tok is None:
-        log.warning("%s has no tokenizer.model (SentencePiece): set data.tokenizer when pretraining", model_dir)
+        log.warning("%s has no tokenizer.json or tokenizer.model: set data.tokenizer when pretraining", model_dir)
     log.info("imported %s (%s) into %s at tensor=%d pipeline=%d", model_dir, cls, step_dir,
              cfg.parallel.tensor, cfg.parallel.pipeline)
     return step_dir
+
+
+def _model_tokenizer(model_dir: str, ours: bool) -> Optional[str]:
+    """The model's own tokenizer: tokenizer.json (what AutoTokenizer reads) for a foreign model, the SentencePiece
+    tokenizer.model megalm trained with for one of megalm's exports (its tokenizer.json is derived from it)."""
+    order = ("tokenizer.model", "tokenizer.json") if ours else ("tokenizer.json", "tokenizer.model")
+    for name in order:
+        p = os.path.join(model_dir, name)
+        if os.path.isfile(p):
+            return os.path.abspath(p)
+    return None
 
 
 def _fill_binary_head(state: dict, cfg, vocab: int) -> dict:

@@ -1,9 +1,11 @@
-"""SentencePiece .model -> Hugging Face tokenizer files (tokenizer.json + tokenizer_config.json).
+"""The training tokenizer -> Hugging Face tokenizer files (tokenizer.json + tokenizer_config.json).
 
-Builds a ``tokenizers`` pipeline that reproduces megalm's SentencePiece encoding
-id for id (BPE or unigram, byte fallback, the dummy-prefix space, user-defined
-pieces such as "\\n"), so ``AutoTokenizer.from_pretrained`` on an export encodes
-as training did. Differences from raw SentencePiece are documented in docs/hf.md.
+For SentencePiece, builds a ``tokenizers`` pipeline that reproduces megalm's
+encoding id for id (BPE or unigram, byte fallback, the dummy-prefix space,
+user-defined pieces such as "\\n"); a tokenizer.json is shipped as it is, and
+GPT-2 vocab.json + merges.txt as the equivalent tokenizer.json. Either way
+``AutoTokenizer.from_pretrained`` on an export encodes as training did.
+Differences from raw SentencePiece are documented in docs/hf.md.
 """
 
 from __future__ import annotations
@@ -117,10 +119,12 @@ def save_tokenizer(model_path: str, out_dir: str, model_max_length: Optional[int
     post-processor, so ``tok(a, b)`` feeds a BERT export the way it was trained; without it nothing is added.
     Returns the special-token ids ({"bos_token_id": 2, ...}) for config.json / generation_config.json.
     """
-    from megalm.data.tokenizer import BOS, CLS, EOS, MASK, PAD, SEP, UNK, Tokenizer
+    from megalm.data.tokenizer import BOS, CLS, EOS, MASK, PAD, SEP, UNK, load_tokenizer
 
     os.makedirs(out_dir, exist_ok=True)
-    sp = Tokenizer(model_path)
+    sp = load_tokenizer(model_path)
+    if sp.kind != "sentencepiece":
+        return _save_fast(sp, out_dir, model_max_length, bert_pairs)
     tok = build_tokenizer(model_path)
     if bert_pairs:
         if sp.cls is None or sp.sep is None:
@@ -157,4 +161,45 @@ def save_tokenizer(model_path: str, out_dir: str, model_max_length: Optional[int
     with open(os.path.join(out_dir, "special_tokens_map.json"), "w") as f:
         json.dump(special, f, indent=2, ensure_ascii=False)
     log.info("wrote HF tokenizer (%d pieces) from %s to %s", sp.vocab_size, model_path, out_dir)
+    return ids
+
+
+def _save_fast(t, out_dir: str, model_max_length: Optional[int], bert_pairs: bool) -> dict:
+    """tokenizer.json (as trained: its own normalizer, pre-tokenizer and post-processor) + a config naming
+    the special tokens megalm resolved, so AutoTokenizer's ids equal training's."""
+    names = {"bos_token": t.bos, "eos_token": t.eos, "unk_token": t.unk, "pad_token": t.pad, "mask_token": t.mask,
+             "cls_token": t.cls, "sep_token": t.sep}
+    special = {k: t.id_to_piece(i) for k, i in names.items() if i is not None}
+    ids = {k + "_id": i for k, i in names.items() if i is not None}
+    config: dict = {}
+    src_config = os.path.join(os.path.dirname(t.model_path), "tokenizer_config.json")
+    if t.kind == "huggingface" and os.path.isfile(src_config):
+        with open(src_config, encoding="utf-8") as f:
+            config = json.load(f)  # keeps the tokenizer's own class, chat template and flags
+    if bert_pairs:  # megalm's BERT sample layout as the post-processor, as for SentencePiece above
+        if t.cls is None or t.sep is None:
+            raise DataError(f"{t.model_path} has no cls/sep tokens: cannot add the BERT pair template")
+        from tokenizers.processors import TemplateProcessing
+
+        c, s_ = t.id_to_piece(t.cls), t.id_to_piece(t.sep)
+        t.tok.post_processor = TemplateProcessing(single=f"{c} $A {s_}", pair=f"{c} $A {s_} $B:1 {s_}:1",
+                                                  special_tokens=[(c, t.cls), (s_, t.sep)])
+        config["model_input_names"] = ["input_ids", "token_type_ids", "attention_mask"]
+    if t.kind == "huggingface" and not bert_pairs:
+        shutil.copyfile(t.model_path, os.path.join(out_dir, "tokenizer.json"))
+    else:
+        t.tok.save(os.path.join(out_dir, "tokenizer.json"))
+    if t.kind == "gpt2bpe":
+        shutil.copyfile(t.model_path, os.path.join(out_dir, "vocab.json"))
+        shutil.copyfile(t.merges_path, os.path.join(out_dir, "merges.txt"))
+    config.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
+    config.setdefault("clean_up_tokenization_spaces", False)
+    config["model_max_length"] = model_max_length or config.get("model_max_length") or 1_000_000_000_000_000_019_884_624_838_656
+    for k, v in special.items():
+        config.setdefault(k, v)
+    with open(os.path.join(out_dir, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2, ensure_ascii=False)
+    with open(os.path.join(out_dir, "special_tokens_map.json"), "w", encoding="utf-8") as f:
+        json.dump(special, f, indent=2, ensure_ascii=False)
+    log.info("wrote HF tokenizer (%d tokens, %s) from %s to %s", t.vocab_size, t.kind, t.model_path, out_dir)
     return ids

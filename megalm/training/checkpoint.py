@@ -113,7 +113,9 @@ def publish(root: str, tmp: str, name: str, state: dict, tokenizer_path: Optiona
     with open(os.path.join(tmp, "megalm", STATE), "w") as f:
         json.dump(state, f, indent=1)
     if tokenizer_path and os.path.exists(tokenizer_path):
-        shutil.copyfile(tokenizer_path, os.path.join(tmp, "megalm", "tokenizer.model"))
+        from megalm.data.tokenizer import copy_tokenizer
+
+        copy_tokenizer(tokenizer_path, os.path.join(tmp, "megalm"))  # tokenizer.model | tokenizer.json | vocab+merges
     write_manifest(tmp)
     if os.path.exists(final):  # a re-save of the same step (e.g. after resume): replace it
         shutil.rmtree(final)

@@ -58,20 +58,25 @@ def _loader(cfg: Config, dataset: Any, objective: Objective, consumed: int, dp_r
 
 
 def build_iterators(cfg: Config, tokenizer: Any, objective: Objective, consumed: int, dp_rank: int,
-                    dp_size: int) -> tuple[Iterator[dict], Callable[[], Iterator[dict]] | None]:
-    """(train batches from ``consumed`` on, a factory of fresh validation iterators or None)."""
+                    dp_size: int) -> tuple[Iterator[dict], Callable[[], Iterator[dict]] | None,
+                                           Callable[[], Iterator[dict]] | None]:
+    """(train batches from ``consumed`` on, factories of fresh validation / test iterators or None).
+
+    Test batches exist only when data.test names test data (Megatron evaluates it once, at the end)."""
     from megalm.data.build import build_datasets
 
     gb = cfg.train.global_batch_size
-    wanted = {"train": cfg.train.iters * gb, "valid": max(cfg.train.eval_iters, 1) * gb, "test": 0}
+    evals = max(cfg.train.eval_iters, 1) * gb
+    wanted = {"train": cfg.train.iters * gb, "valid": evals, "test": evals if cfg.data.test else 0}
     datasets = build_datasets(cfg, tokenizer, wanted, kind=objective.dataset_kind)
     vocab = cfg.model.vocab_size or tokenizer.vocab_size
     train = _loader(cfg, datasets["train"], objective, consumed, dp_rank, dp_size, vocab)
-    valid_ds = datasets.get("valid")
-    if valid_ds is None or len(valid_ds) < gb or cfg.train.eval_iters == 0:
-        return train, None
 
-    def valid() -> Iterator[dict]:  # the same validation batches at every evaluation
-        return _loader(cfg, valid_ds, objective, 0, dp_rank, dp_size, vocab, seed_offset=1)
+    def factory(split: str, seed_offset: int) -> Callable[[], Iterator[dict]] | None:
+        ds = datasets.get(split)
+        if ds is None or len(ds) < gb or cfg.train.eval_iters == 0:
+            return None
+        # the same batches at every evaluation
+        return lambda: _loader(cfg, ds, objective, 0, dp_rank, dp_size, vocab, seed_offset=seed_offset)
 
-    return train, valid
+    return train, factory("valid", 1), factory("test", 2)

@@ -152,7 +152,8 @@ def _memory_gb(device: torch.device) -> Optional[float]:
 
 def run(cfg: Config, engine: Engine, objective: Objective, train_batches: Iterator[dict],
         valid_batches: Optional[Any], checkpointer: Any, start_step: int, consumed_samples: int,
-        device: torch.device, world_size: int, rank: int, preempt: Optional[Preemption] = None) -> int:
+        device: torch.device, world_size: int, rank: int, preempt: Optional[Preemption] = None,
+        test_batches: Optional[Any] = None) -> int:
     """Train from ``start_step`` to ``train.iters``; return the process exit code.
 
     ``preempt`` is installed by the entry point as early as possible, so a signal that arrives during
@@ -257,6 +258,11 @@ def run(cfg: Config, engine: Engine, objective: Objective, train_batches: Iterat
                 if rank == 0:
                     logger.warning(f"train.exit_duration_minutes reached at step {step}: checkpoint saved")
                 return EXIT_PREEMPTED
+        if test_batches is not None and step > start_step:  # data.test: once, at the end (as Megatron)
+            test_loss = evaluate(engine, objective, test_batches(), t.eval_iters, grad_accum, device)
+            writer.write({"step": step, "test_loss": test_loss, "test_ppl": math.exp(min(test_loss, 50.0))})
+            if rank == 0:
+                logger.info(f"test at step {step}: loss {test_loss:.4f}")
         if cfg.checkpoint.save_at_end and step > start_step:
             checkpointer.save(step)
         return 0

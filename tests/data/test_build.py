@@ -153,3 +153,99 @@ def test_bert_pair_kind(tmp_path, corpus_path, tokenizer):
     assert ds["test"] is None and len(ds["valid"]) >= 5
     assert ds["train"][0]["tokens"].shape == (64,)
     assert os.path.isdir(tmp_path / "cache" / "BertPairDataset_indices")
+
+
+def _samples(ds, n=8):
+    return [ds[i]["tokens"].tolist() for i in range(n)]
+
+
+def test_reprocessed_dataset_never_reuses_stale_indices(tmp_path, corpus_path, corpus_texts, tokenizer):
+    """Same path, same counts, other document order: the old key matched; the .idx fingerprint does not."""
+    import json
+
+    from megalm.data.gpt_dataset import GPTDataset
+    from megalm.data.indexed import IndexedDataset
+    from megalm.data.preprocess import Options, preprocess
+
+    prefix, cache = str(tmp_path / "d"), str(tmp_path / "cache")
+    out = prefix + "_text_document"
+    src = tmp_path / "c.jsonl"
+
+    def build(order, cache_dir):
+        src.write_text("".join(json.dumps({"text": corpus_texts[i]}) + "\n" for i in order))
+        preprocess([str(src)], prefix, tokenizer.model_path, Options(append_eod=True), workers=0, progress=False)
+        ds = GPTDataset(out, "train", (0, len(IndexedDataset(out))), 40, 32, 5, cache_dir, eod_id=tokenizer.eod)
+        idx = ds.indexed
+        return ds, [len(idx), idx.num_documents, idx.num_tokens, str(idx.dtype)]
+
+    forward, old_key_a = build(range(len(corpus_texts)), cache)
+    first = _samples(forward)
+    backward, old_key_b = build(range(len(corpus_texts) - 1, -1, -1), cache)
+    assert old_key_a == old_key_b  # what the cache was keyed on before: identical for both corpora
+    assert backward.cache_key != forward.cache_key
+    fresh, _ = build(range(len(corpus_texts) - 1, -1, -1), None)
+    assert _samples(backward) == _samples(fresh) != first
+    assert len([f for f in os.listdir(os.path.join(cache)) if f.endswith("-description.txt")]) == 2
+
+
+def _cfg(cache, **data):
+    return from_dict({"data": {"cache_dir": cache, **data}, "model": {"seq_length": 16}, "train": {"seed": 5}})
+
+
+def test_separate_train_valid_test_paths(tmp_path):
+    a, b, v, t = (str(tmp_path / n) for n in "abvt")
+    make(a, 60, 7)
+    make(b, 60, 8, seed=1)
+    make(v, 30, 9, seed=2)
+    make(t, 30, 11, seed=3)
+    cache = str(tmp_path / "c")
+    cfg = _cfg(cache, train=[0.5, a, 0.5, b], valid=v, test=t, split="1,0,0")  # split is ignored
+    out = build_datasets(cfg, Tok(), {"train": 40, "valid": 10, "test": 10})
+    tokens = {s: {x for i in range(len(out[s])) for x in out[s][i]["tokens"].tolist()} - {3} for s in out}
+    assert tokens["train"] == {7, 8} and tokens["valid"] == {9} and tokens["test"] == {11}
+    # every document of the valid set is used (no split cut)
+    assert set(np.asarray(out["valid"].document_index).tolist()) == set(range(30))
+    again = build_datasets(cfg, Tok(), {"train": 40, "valid": 10, "test": 10})  # same caches, same samples
+    assert _samples(again["valid"]) == _samples(out["valid"])
+    assert build_datasets(_cfg(cache, train=a), Tok(), {"train": 5, "valid": 5})["valid"] is None
+
+
+@pytest.mark.parametrize("data, match", [
+    ({"train": "A", "prefix": "A"}, "data.prefix and data.train"),
+    ({"valid": "A"}, "data.train is not"),
+    ({"train": "A", "valid": [0.5, "A", 0.5]}, "data.valid blend"),
+    ({"train": "A", "valid": "MISSING"}, r"MISSING.bin/.idx not found \(data.valid\)"),
+])
+def test_separate_paths_errors_name_the_key(tmp_path, data, match):
+    a = str(tmp_path / "a")
+    make(a, 20, 7)
+    data = {k: ([x.replace("A", a) if isinstance(x, str) else x for x in v] if isinstance(v, list)
+                else v.replace("A", a).replace("MISSING", str(tmp_path / "MISSING"))) for k, v in data.items()}
+    with pytest.raises((ConfigError, DataError), match=match):
+        build_datasets(_cfg(str(tmp_path / "c"), **data), Tok(), {"train": 5, "valid": 5})
+
+
+def _failing_build(rank, world_size, cache):
+    import time
+
+    from megalm.data.cache import cached_arrays
+
+    def build():
+        if rank == 0:
+            raise DataError("disk full while building (simulated)")
+        raise AssertionError("only rank 0 builds")
+
+    t0 = time.time()
+    try:
+        cached_arrays(cache, "X", {"k": 1}, build)
+    except DataError as e:
+        return str(e), time.time() - t0
+    return None, time.time() - t0
+
+
+@pytest.mark.slow
+def test_rank0_build_failure_fails_every_rank_at_once(tmp_path):
+    (m0, t0), (m1, t1) = run_ranks(_failing_build, 2, str(tmp_path / "c"), timeout=120)
+    assert m0 == "disk full while building (simulated)"
+    assert "rank 0 failed to build the index cache" in m1 and "disk full" in m1
+    assert t1 < 20

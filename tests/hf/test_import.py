@@ -91,3 +91,29 @@ def test_unsupported_inputs_are_named(tmp_path):
     (tmp_path / "pytorch_model.bin").write_bytes(b"")
     with pytest.raises(CheckpointError, match="safetensors"):
         import_hf(str(tmp_path), str(tmp_path / "ck"), approximate_activation=True)
+
+
+def test_llama_keeps_its_own_tokenizer_json(tmp_path):
+    """Continued pretraining of a foreign Llama preprocesses with the model's tokenizer.json, not a .model."""
+    from megalm.config import from_dict
+    from megalm.data.tokenizer import load_tokenizer
+    from megalm.hf.export import tokenizer_path
+    from megalm.data.train_tokenizer import train
+
+    corpus = os.path.join(ROOT, "tests", "data", "fixtures", "corpus.jsonl")
+    hf_dir = tmp_path / "hf"
+    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=4, max_position_embeddings=32)
+    _save(transformers.LlamaForCausalLM(config), hf_dir)
+    tok = train([corpus], str(tmp_path / "tok"), vocab_size=VOCAB, model_type="bytelevel-bpe")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        with open(os.path.join(tok.dir, name), "rb") as src, open(hf_dir / name, "wb") as dst:
+            dst.write(src.read())
+    step_dir = import_hf(str(hf_dir), str(tmp_path / "ck"))
+    assert os.path.isfile(os.path.join(step_dir, "megalm", "tokenizer.json"))
+    with open(os.path.join(step_dir, "megalm", "megalm_state.json")) as f:
+        data_cfg = json.load(f)["config"]["data"]
+    assert data_cfg["tokenizer"] == str(hf_dir / "tokenizer.json")
+    carried = load_tokenizer(tokenizer_path(step_dir, from_dict({})))  # the checkpoint's copy
+    assert carried.kind == "huggingface" and carried.encode("In the beginning") == tok.encode("In the beginning")
+    assert carried.eod == tok.eod
