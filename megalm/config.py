@@ -169,6 +169,8 @@ class CheckpointConfig:
     keep_every: int = 0  # also keep every Nth step forever; 0 = off
     resume: str = "auto"  # auto | none | <path to a checkpoint step dir>
     save_at_end: bool = True
+    verify: str = "full"  # on load, each rank checks the files it reads: full (size + SHA-256) | size | none
+    async_save: bool = False  # the step loop waits only for the copy to host memory; write + publish in background
 
 
 @dataclass(frozen=True)
@@ -224,6 +226,7 @@ CHOICES = {
     "optim.name": ("adamw",),
     "optim.schedule": ("constant", "linear", "cosine", "inverse_sqrt", "wsd"),
     "run.log_level": ("debug", "info", "warning", "error"),
+    "checkpoint.verify": ("full", "size", "none"),
 }
 
 

@@ -131,8 +131,11 @@ def _run(args: argparse.Namespace, rank: int, world: int, info: dict, preempt) -
     start_step, consumed = checkpointer.load()
     train_batches, valid_batches, test_batches = build_iterators(cfg, tokenizer, objective, consumed, engine.dp_rank,
                                                                  engine.dp_size)
-    return run(cfg, engine, objective, train_batches, valid_batches, checkpointer, start_step, consumed,
-               device(), world, rank, preempt, test_batches=test_batches)
+    try:
+        return run(cfg, engine, objective, train_batches, valid_batches, checkpointer, start_step, consumed,
+                   device(), world, rank, preempt, test_batches=test_batches)
+    finally:
+        checkpointer.wait()  # an async save in flight is published before the job exits (preempted or done)
 
 
 def _write_run_info(cfg, engine, rank: int, world: int) -> None:

@@ -115,6 +115,7 @@ def import_hf(model_dir: str, output: str, overrides: Optional[list] = None, ste
         state = _fill_binary_head(state, cfg, vocab)
     weights = mapping.from_hf(state, cfg, vocab, cls)
     root = os.path.abspath(output)
+    _refuse_existing_run(root)
     os.makedirs(root, exist_ok=True)
     step_dir = write_checkpoint(root, cfg, vocab, weights, tokenizer_path=tok, step=step)
     if tok is None:
@@ -133,6 +134,16 @@ def _model_tokenizer(model_dir: str, ours: bool) -> Optional[str]:
         if os.path.isfile(p):
             return os.path.abspath(p)
     return None
+
+
+def _refuse_existing_run(root: str) -> None:
+    """An import must never repoint ``latest`` of a run that is training into ``root``."""
+    from megalm.training.manifest import list_steps
+
+    if os.path.exists(os.path.join(root, "latest")) or list_steps(root):
+        raise CheckpointError(f"{root} already holds checkpoints (a run's 'latest' or step_* directories); "
+                              f"importing into it would replace what a resume picks up. Give a new --output "
+                              f"directory")
 
 
 def _fill_binary_head(state: dict, cfg, vocab: int) -> dict:

@@ -1,186 +1,35 @@
-"""Checkpoints that never lose work: atomic saves, a verified manifest, exact resume.
+"""Checkpoints that never lose work: one layout-free copy of the state, parallel writes, exact resume.
 
-A save goes to ``<root>/.tmp-step_N`` (DeepSpeed's files + megalm's state, RNG
-per rank, tokenizer copy), is fsynced, listed in MANIFEST.json with sizes and
-SHA-256, renamed to ``<root>/step_N``, and only then does ``<root>/latest``
-(replaced atomically) point at it. A kill at any moment leaves the previous
-checkpoint intact and ``latest`` naming a complete one.
+Every rank streams its share of the state (state_save) into ``<root>/.tmp-step_N``,
+hashing and fsyncing what it writes; rank 0 gathers the ranks' reports into
+MANIFEST.json, renames the directory to ``<root>/step_N`` and only then points
+``<root>/latest`` at it (manifest.publish). A kill at any moment leaves the
+previous checkpoint intact and ``latest`` naming a complete one. With
+``checkpoint.async_save`` the step loop waits only for the copy to host memory.
+DeepSpeed's own checkpoint files are not written and never read (they are pickles).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
-import random
-import re
 import shutil
+import threading
+import time
 from typing import Any, Optional
 
-import numpy as np
-import torch
+import torch.distributed as dist
 
 import megalm
 from megalm.config import Config
 from megalm.errors import CheckpointError
-from megalm.parallel import comm
+from megalm.training import manifest, state_save
+from megalm.training.manifest import latest_path, list_steps, publish, step_name, verify  # noqa: F401 (API)
 
 logger = logging.getLogger(__name__)
 
-STEP_RE = re.compile(r"^step_(\d+)$")
-MANIFEST = "MANIFEST.json"
-STATE = "megalm_state.json"
-
-
-def step_name(step: int) -> str:
-    return f"step_{step:08d}"
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _files(root: str) -> list[str]:
-    out = []
-    for d, _, names in os.walk(root):
-        for n in names:
-            if n != MANIFEST:
-                out.append(os.path.relpath(os.path.join(d, n), root))
-    return sorted(out)
-
-
-def write_manifest(path: str) -> None:
-    entries = {}
-    for rel in _files(path):
-        full = os.path.join(path, rel)
-        with open(full, "rb") as f:
-            os.fsync(f.fileno())
-        entries[rel] = {"size": os.path.getsize(full), "sha256": _sha256(full)}
-    tmp = os.path.join(path, MANIFEST + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump({"megalm_version": megalm.__version__, "files": entries}, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, os.path.join(path, MANIFEST))
-    for d, _, _ in os.walk(path):
-        _fsync_dir(d)
-
-
-def verify(path: str, checksums: bool = True) -> None:
-    """Raise CheckpointError naming every missing, truncated or altered file of a checkpoint."""
-    manifest_path = os.path.join(path, MANIFEST)
-    if not os.path.isdir(path):
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    if not os.path.exists(manifest_path):
-        raise CheckpointError(f"checkpoint {path} has no {MANIFEST}: it is incomplete (a save was interrupted?)")
-    try:
-        with open(manifest_path) as f:
-            files = json.load(f)["files"]
-    except (json.JSONDecodeError, KeyError) as e:
-        raise CheckpointError(f"{manifest_path} is corrupt: {e}") from None
-    problems = []
-    for rel, meta in files.items():
-        full = os.path.join(path, rel)
-        if not os.path.exists(full):
-            problems.append(f"missing {full}")
-        elif os.path.getsize(full) != meta["size"]:
-            problems.append(f"{full} has {os.path.getsize(full)} bytes, expected {meta['size']} (truncated?)")
-        elif checksums and _sha256(full) != meta["sha256"]:
-            problems.append(f"{full} does not match its SHA-256 in {MANIFEST} (modified or corrupt)")
-    if problems:
-        raise CheckpointError(f"checkpoint {path} failed verification:\n  " + "\n  ".join(problems))
-
-
-def publish(root: str, tmp: str, name: str, state: dict, tokenizer_path: Optional[str] = None,
-            update_latest: bool = True) -> str:
-    """Finish a checkpoint written into ``tmp``: megalm state, tokenizer copy, fsynced MANIFEST, then the
-    rename to ``root/name`` and, last, the atomic ``latest`` pointer. Returns the final path."""
-    final = os.path.join(root, name)
-    os.makedirs(os.path.join(tmp, "megalm"), exist_ok=True)
-    with open(os.path.join(tmp, "megalm", STATE), "w") as f:
-        json.dump(state, f, indent=1)
-    if tokenizer_path and os.path.exists(tokenizer_path):
-        from megalm.data.tokenizer import copy_tokenizer
-
-        copy_tokenizer(tokenizer_path, os.path.join(tmp, "megalm"))  # tokenizer.model | tokenizer.json | vocab+merges
-    write_manifest(tmp)
-    if os.path.exists(final):  # a re-save of the same step (e.g. after resume): replace it
-        shutil.rmtree(final)
-    os.rename(tmp, final)
-    _fsync_dir(root)
-    if update_latest:
-        pointer_tmp = os.path.join(root, ".latest.tmp")
-        with open(pointer_tmp, "w") as f:
-            f.write(name + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(pointer_tmp, os.path.join(root, "latest"))
-        _fsync_dir(root)
-    return final
-
-
-def list_steps(root: str) -> list[int]:
-    if not os.path.isdir(root):
-        return []
-    return sorted(int(m.group(1)) for n in os.listdir(root) if (m := STEP_RE.match(n)))
-
-
-def latest_path(root: str) -> Optional[str]:
-    """The checkpoint ``latest`` names, or None when the root holds none."""
-    pointer = os.path.join(root, "latest")
-    if not os.path.exists(pointer):
-        return None
-    with open(pointer) as f:
-        name = f.read().strip()
-    path = os.path.join(root, name)
-    if not os.path.isdir(path):
-        raise CheckpointError(f"{pointer} names {name}, which does not exist in {root}")
-    return path
-
-
-def _rng_state() -> tuple[dict, dict]:
-    """(tensors for torch.save, JSON-able states) of every RNG this rank uses."""
-    from megalm.parallel import random as tp_random
-
-    tensors = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        tensors["cuda"] = torch.cuda.get_rng_state()
-    tracker = tp_random.get_tracker().get_states()
-    for name, st in tracker.items():
-        tensors[f"tracker/{name}"] = st
-    py = random.getstate()
-    np_state = np.random.get_state()
-    plain = {"python": [py[0], list(py[1]), py[2]],
-             "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]}
-    return tensors, plain
-
-
-def _set_rng_state(tensors: dict, plain: dict) -> None:
-    from megalm.parallel import random as tp_random
-
-    torch.set_rng_state(tensors["torch"])
-    if "cuda" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state(tensors["cuda"])
-    tracker = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("tracker/")}
-    if tracker:
-        tp_random.get_tracker().set_states(tracker)
-    py = plain["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    npst = plain["numpy"]
-    np.random.set_state((npst[0], np.array(npst[1], dtype=np.uint32), *npst[2:]))
+MANIFEST = manifest.MANIFEST
+STATE = manifest.STATE
 
 
 class Checkpointer:
@@ -194,46 +43,95 @@ class Checkpointer:
         self.root = cfg.checkpoint_dir
         self.tokenizer_path = tokenizer_path
         self.consumed_samples = 0
+        self.last_stall_s = 0.0  # how long the last save held the step loop
+        self._thread: Optional[threading.Thread] = None
+        self._error: Optional[BaseException] = None
+        # Saves talk over their own gloo group, so a background save never interleaves with training collectives.
+        self._group = dist.new_group(backend="gloo") if dist.is_initialized() and world_size > 1 else None
 
     def _barrier(self) -> None:
-        comm.barrier()
+        if dist.is_initialized():
+            dist.barrier()
+
+    # ------------------------------------------------------------------ save
 
     def save(self, step: int, diagnostic: bool = False) -> str:
+        """Write a checkpoint of ``step`` (async when ``checkpoint.async_save``); return its final path."""
+        t0 = time.perf_counter()
+        self.wait()
         name = step_name(step) + ("-diagnostic" if diagnostic else "")
-        tmp_name = ".tmp-" + name
-        tmp = os.path.join(self.root, tmp_name)
-        final = os.path.join(self.root, name)
+        tmp = os.path.join(self.root, ".tmp-" + name)
         if self.rank == 0:
             os.makedirs(self.root, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(os.path.join(tmp, "megalm"))
         self._barrier()
-        self.engine.ds.save_checkpoint(self.root, tag=tmp_name, save_latest=False)
-        from megalm.training import universal
+        run_async = self.cfg.checkpoint.async_save and not diagnostic
+        state = self._state(step) if self.rank == 0 else None
+        finish = state_save.collect(self.engine, self.cfg, tmp, self.rank, copy=run_async)
+        if run_async:
+            self._thread = threading.Thread(target=self._complete_async, args=(finish, tmp, name, state, step),
+                                            name=f"megalm-save-{step}", daemon=True)
+            self._thread.start()
+            self.last_stall_s = time.perf_counter() - t0
+            return os.path.join(self.root, name)
+        self._complete(finish, tmp, name, state, step, diagnostic)
+        self.last_stall_s = time.perf_counter() - t0
+        return os.path.join(self.root, name)
 
-        universal.save_shards(self.engine, self.cfg, tmp)
-        os.makedirs(os.path.join(tmp, "megalm"), exist_ok=True)
-        tensors, plain = _rng_state()
-        torch.save(tensors, os.path.join(tmp, "megalm", f"rng_rank{self.rank:05d}.pt"))
-        with open(os.path.join(tmp, "megalm", f"rng_rank{self.rank:05d}.json"), "w") as f:
-            json.dump(plain, f)
-        self._barrier()
+    def wait(self) -> None:
+        """Block until the save in flight (if any) is published; raise if it failed."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise CheckpointError(f"the background checkpoint save failed: {err}") from err
+
+    def _complete_async(self, *args) -> None:
+        try:
+            self._complete(*args, diagnostic=False)
+        except BaseException as e:  # noqa: BLE001 - handed to the main thread by wait()
+            logger.error(f"background checkpoint save failed: {e}")
+            self._error = e
+
+    def _complete(self, finish: Any, tmp: str, name: str, state: Optional[dict], step: int,
+                  diagnostic: bool) -> None:
+        reports = finish()  # this rank's files, written, fsynced, hashed
+        gathered = [None] * self.world_size if self.rank == 0 else None
+        if self._group is not None:
+            dist.gather_object(reports, gathered, dst=0, group=self._group)
+        else:
+            gathered = [reports]
         if self.rank == 0:
-            state = {
-                "step": step,
-                "consumed_samples": self.consumed_samples,
-                "world_size": self.world_size,
-                "tensor": self.cfg.parallel.tensor,
-                "pipeline": self.cfg.parallel.pipeline,
-                "zero_stage": self.cfg.zero.stage,
-                "megalm_version": megalm.__version__,
-                "config": self.cfg.to_dict(),
-            }
-            publish(self.root, tmp, name, state, self.tokenizer_path, update_latest=not diagnostic)
+            merged = {rel: rep for r in gathered for rel, rep in r.items()}
+            state["tensor_index"] = state_save.tensor_index(merged)
+            publish(self.root, tmp, name, state, self.tokenizer_path, update_latest=not diagnostic,
+                    reports=state_save.strip_reports(merged))
             if not diagnostic:
                 self._prune(step)
-            logger.info(f"saved checkpoint {final}")
-        self._barrier()
-        return final
+            logger.info(f"saved checkpoint {os.path.join(self.root, name)}")
+        if self._group is not None:
+            dist.barrier(group=self._group)
+
+    def _state(self, step: int) -> dict:
+        from megalm.training import ds_state
+
+        ds = self.engine.ds
+        return {
+            "step": step,
+            "consumed_samples": self.consumed_samples,
+            "world_size": self.world_size,
+            "tensor": self.cfg.parallel.tensor,
+            "pipeline": self.cfg.parallel.pipeline,
+            "zero_stage": self.cfg.zero.stage,
+            "precision": self.cfg.precision,
+            "adam_step": ds_state.adam_step(ds),
+            "engine": ds_state.engine_counters(ds),
+            "deepspeed_api": ds_state.CHECKED_AGAINST,
+            "megalm_version": megalm.__version__,
+            "config": self.cfg.to_dict(),
+        }
 
     def _prune(self, current: int) -> None:
         keep, every = self.cfg.checkpoint.keep, self.cfg.checkpoint.keep_every
@@ -246,65 +144,53 @@ class Checkpointer:
             if n.startswith(".tmp-") and n != ".tmp-" + step_name(current):
                 shutil.rmtree(os.path.join(self.root, n), ignore_errors=True)
 
+    # ------------------------------------------------------------------ load
+
     def resolve_resume(self) -> Optional[str]:
+        """auto: this run's ``latest``. A path: that checkpoint, unless this run has saved its own since
+        (a requeued job continues from its newest checkpoint, not from the one it started from)."""
         how = self.cfg.checkpoint.resume
         if how == "none":
             return None
-        if how == "auto":
-            return latest_path(self.root)
-        path = how
-        if not os.path.isdir(path):
+        own = latest_path(self.root)
+        if how == "auto" or own is not None:
+            return own
+        from megalm.training.universal import resolve_step_dir
+
+        if not os.path.isdir(how):
             raise CheckpointError(f"checkpoint.resume={how!r}: no such checkpoint directory")
-        return path
+        return resolve_step_dir(how)
 
     def load(self) -> tuple[int, int]:
         """Restore the newest checkpoint (if any); return (step, consumed_samples)."""
+        from megalm.training import ds_state
+        from megalm.training.universal import load_into_engine, read_state
+
         path = self.resolve_resume()
         if path is None:
             return 0, 0
-        verify(path)
-        with open(os.path.join(path, "megalm", STATE)) as f:
-            state = json.load(f)
+        mode = self.cfg.checkpoint.verify
+        verify(path, only=[manifest.STATE_FILE], mode=mode)
+        state = read_state(path)
         saved = (state["tensor"], state["pipeline"], state["world_size"], state["zero_stage"])
         now = (self.cfg.parallel.tensor, self.cfg.parallel.pipeline, self.world_size, self.cfg.zero.stage)
-        if saved != now or state.get("universal_only"):
-            return self._load_resharded(path, state, saved, now)
-        root, tag = os.path.split(os.path.normpath(path))
-        load_path, _ = self.engine.ds.load_checkpoint(
-            root, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True,
-            load_module_strict=True,
-        )
-        if load_path is None:
-            raise CheckpointError(f"DeepSpeed could not load {path}")
-        rng_pt = os.path.join(path, "megalm", f"rng_rank{self.rank:05d}.pt")
-        if state["world_size"] == self.world_size and os.path.exists(rng_pt):
-            tensors = torch.load(rng_pt, weights_only=True)
-            with open(os.path.join(path, "megalm", f"rng_rank{self.rank:05d}.json")) as f:
-                _set_rng_state(tensors, json.load(f))
-        elif self.rank == 0:
-            logger.warning(f"world size changed ({state['world_size']} -> {self.world_size}): RNG states not restored")
-        self.consumed_samples = state["consumed_samples"]
-        if self.rank == 0:
-            logger.info(f"resumed from {path} at step {state['step']} ({self.consumed_samples} samples consumed)")
-        return state["step"], state["consumed_samples"]
-
-    def _load_resharded(self, path: str, state: dict, saved: tuple, now: tuple) -> tuple[int, int]:
-        """Another layout (tensor, pipeline, world, ZeRO): load through the layout-independent shards."""
-        from megalm.training import universal
-
-        carried = universal.load_into_engine(self.engine, self.cfg, path)
+        same = saved == now and not state.get("universal_only")
+        if same and "tensor_index" not in state:
+            raise CheckpointError(f"{path} was written by an older megalm (DeepSpeed pickle files); it is read "
+                                  f"only through its layout-free shards: resume it at another layout once, or "
+                                  f"re-save it with that megalm")
+        carried = load_into_engine(self.engine, self.cfg, path, state, mode, rng_rank=self.rank if same else None)
         step, consumed = int(state["step"]), int(state["consumed_samples"])
-        ds = self.engine.ds
-        ds.global_steps = step
-        ds.global_samples = consumed
-        sched = getattr(ds, "lr_scheduler", None)
-        if sched is not None and step > 0:
-            sched.last_epoch = step - 1
-            sched.step()
+        ds_state.set_engine_counters(self.engine.ds, state.get("engine", {}), step, consumed)
         self.consumed_samples = consumed
         if self.rank == 0:
-            names = ("tensor", "pipeline", "world", "zero")
-            change = ", ".join(f"{n} {a}->{b}" for n, a, b in zip(names, saved, now) if a != b) or "imported weights"
-            logger.warning(f"resharded {path} ({change}) at step {step}; optimizer state "
-                           f"{'carried over' if carried else 'NOT carried over (fresh Adam moments)'}")
+            if same:
+                logger.info(f"resumed from {path} at step {step} ({consumed} samples consumed)")
+            else:
+                names = ("tensor", "pipeline", "world", "zero")
+                change = ", ".join(f"{n} {a}->{b}" for n, a, b in zip(names, saved, now) if a != b) \
+                    or "imported weights"
+                logger.warning(f"resharded {path} ({change}) at step {step}; optimizer state "
+                               f"{'carried over' if carried else 'NOT carried over (fresh Adam moments)'}; "
+                               f"RNG streams start afresh")
         return step, consumed
