@@ -117,6 +117,7 @@ def _run(args: argparse.Namespace, rank: int, world: int, info: dict, preempt) -
         raise ConfigError(f"model.vocab_size ({vocab}) is smaller than the tokenizer's ({tokenizer.vocab_size})")
     cfg = cfg.replace(model=dataclasses.replace(cfg.model, vocab_size=vocab),
                       train=dataclasses.replace(cfg.train, compile=resolve_compile(cfg.train.compile, device().type)))
+    _lock_run_dir(cfg.run.dir, rank)  # before anything is written there: a second job on this run exits at once
     if rank == 0:
         os.makedirs(cfg.run.dir, exist_ok=True)
         with open(os.path.join(cfg.run.dir, "config.yaml"), "w") as f:
@@ -136,6 +137,31 @@ def _run(args: argparse.Namespace, rank: int, world: int, info: dict, preempt) -
                    device(), world, rank, preempt, test_batches=test_batches)
     finally:
         checkpointer.wait()  # an async save in flight is published before the job exits (preempted or done)
+
+
+def _lock_run_dir(run_dir: str, rank: int):
+    """Rank 0 takes run.dir's lock (released at exit); every rank raises the same error when another job
+    holds it."""
+    import atexit
+
+    import torch.distributed as dist
+
+    from megalm.errors import CheckpointError
+    from megalm.training.run_lock import RunLock
+
+    lock, error = None, [None]
+    if rank == 0:
+        lock = RunLock(run_dir)
+        try:
+            lock.acquire()
+        except CheckpointError as e:
+            error = [str(e)]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(error, src=0)
+    if error[0]:
+        raise CheckpointError(error[0])
+    if lock is not None:
+        atexit.register(lock.release)
 
 
 def _write_run_info(cfg, engine, rank: int, world: int) -> None:

@@ -82,8 +82,22 @@ class MetricsWriter:
         """On resume, drop records past the checkpoint's step so the file reads as one run."""
         if not self.enabled or not os.path.exists(self.path):
             return
-        with open(self.path) as f:
-            keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+        keep, torn = [], 0
+        with open(self.path, "rb") as f:
+            for raw in f:
+                line = raw.replace(b"\0", b"").decode("utf-8", "replace").strip()
+                if not line:
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    torn += 1  # a write cut short by a kill or a crash (often NUL-filled): not a record
+                    continue
+                if rec.get("step", 0) <= step:
+                    keep.append(line + "\n")
+        if torn:
+            logger.warning(f"{self.path}: dropped {torn} torn line(s) (a write cut short by a crash); "
+                           f"kept {len(keep)} complete record(s)")
         tmp = self.path + ".tmp"
         with open(tmp, "w") as f:
             f.writelines(keep)

@@ -117,7 +117,7 @@ def test_tampered_checkpoint_is_refused_by_name(tiny_data, tmp_path):
     overrides = ["train.iters=4", "checkpoint.save_at_end=true"]
     run_pretrain(tiny_data, tmp_path, overrides=overrides)
     ckpt = tmp_path / "checkpoints" / "step_00000004"
-    victim = next(p for p in sorted(ckpt.rglob("*.pt")) if "model_states" in p.name)
+    victim = next(p for p in sorted(ckpt.rglob("*.safetensors")) if p.parent.name == "weights")
     data = bytearray(victim.read_bytes())
     data[len(data) // 2] ^= 0xFF
     victim.write_bytes(bytes(data))
