@@ -18,7 +18,7 @@ from megalm.training import manifest
 from tests.training.conftest import ROOT, losses, run_pretrain
 
 # ~13M parameters: the size for the bytes-per-parameter check
-MID = ["model.num_layers=6", "model.hidden_size=384", "model.num_heads=6", "train.iters=4",
+MID = ["model.num_layers=7", "model.hidden_size=384", "model.num_heads=6", "train.iters=4",
        "train.global_batch_size=2", "checkpoint.save_at_end=true"]
 
 

@@ -1,0 +1,59 @@
+"""Exact resume from the layout-free state alone: bf16 masters (ZeRO-1, ZeRO-3) and async saves continue
+bit-identically; a run started from checkpoint.resume=<path> continues from its own checkpoints after a
+requeue."""
+
+import os
+import signal
+
+import pytest
+
+from megalm.training import universal
+from tests.training.conftest import losses, run_pretrain
+from tests.training.test_resume import _start, _wait_for_step
+
+pytestmark = pytest.mark.slow
+
+BASE = ["train.iters=8", "checkpoint.interval=4", "checkpoint.save_at_end=true"]
+
+
+@pytest.mark.parametrize("layout", [
+    ["precision=bf16", "zero.stage=1"],  # fp32 masters in DeepSpeed's flat partitions, bf16 module
+    ["precision=bf16", "zero.stage=3"],  # partitioned params and masters
+])
+def test_stop_and_resume_is_bit_identical(tiny_data, tmp_path, layout):
+    _, ref, _ = run_pretrain(tiny_data, tmp_path / "ref", nproc=2, overrides=BASE + layout)
+    run_dir = tmp_path / "run"
+    run_pretrain(tiny_data, run_dir, nproc=2, overrides=BASE + layout + ["train.exit_interval=4"])
+    _, resumed, _ = run_pretrain(tiny_data, run_dir, nproc=2, overrides=BASE + layout)
+    assert losses(resumed) == losses(ref)
+
+
+def test_async_save_kill9_then_resume_is_bit_identical(tiny_data, tmp_path):
+    over = ["checkpoint.interval=2", "checkpoint.save_at_end=true", "train.iters=12", "checkpoint.async_save=true",
+            "parallel.tensor=2"]
+    _, ref, _ = run_pretrain(tiny_data, tmp_path / "ref", nproc=2, overrides=over)
+    run_dir = tmp_path / "killed"
+    proc = _start(tiny_data, run_dir, 2, over)
+    _wait_for_step(proc, run_dir, 7)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    # whatever the kill interrupted, latest names a complete, verifiable checkpoint
+    step_dir = universal.resolve_step_dir(str(run_dir / "checkpoints"))
+    from megalm.training.manifest import verify
+
+    verify(step_dir)
+    _, resumed, _ = run_pretrain(tiny_data, run_dir, nproc=2, overrides=over)
+    assert losses(resumed) == losses(ref)
+    assert universal.read_state(universal.resolve_step_dir(str(run_dir / "checkpoints")))["step"] == 12
+
+
+def test_resume_from_path_then_requeue_continues_from_own_checkpoint(tiny_data, tmp_path):
+    src = tmp_path / "src"
+    run_pretrain(tiny_data, src, overrides=BASE + ["train.exit_interval=4"], launcher="python")
+    start = universal.resolve_step_dir(str(src / "checkpoints"))
+    over = BASE + [f"checkpoint.resume={start}"]
+    run_pretrain(tiny_data, tmp_path / "b", overrides=over + ["train.exit_interval=6", "checkpoint.interval=2"],
+                 launcher="python")
+    _, recs, err = run_pretrain(tiny_data, tmp_path / "b", overrides=over, launcher="python")  # the requeue
+    assert "step_00000006" in err and "resumed from" in err, err[-2000:]
+    assert [r["step"] for r in recs if "loss" in r] == list(range(5, 9))
