@@ -14,7 +14,7 @@ import logging
 import os
 import re
 import shutil
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 import megalm
 from megalm.errors import CheckpointError
@@ -126,6 +126,29 @@ def verify(path: str, checksums: bool = True, only: Optional[Iterable[str]] = No
             problems.append(f"{full} does not match its SHA-256 in {MANIFEST} (modified or corrupt)")
     if problems:
         raise CheckpointError(f"checkpoint {path} failed verification:\n  " + "\n  ".join(problems))
+
+
+def check_hashes_in_background(path: str, only: Iterable[str]) -> Callable[[], None]:
+    """Hash ``only`` on a helper thread (hashlib releases the GIL) while the caller reads them; the returned
+    function waits and raises CheckpointError naming any file whose SHA-256 differs from the manifest.
+    Sizes are checked at once (``verify(mode="size")``), so nothing truncated is ever parsed."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    rels = sorted(set(only))
+    verify(path, only=rels, mode="size")
+    files = read_manifest(path)
+    pool = ThreadPoolExecutor(max_workers=1)
+    futures = {rel: pool.submit(sha256_file, os.path.join(path, rel)) for rel in rels}
+
+    def wait() -> None:
+        bad = [rel for rel, fut in futures.items() if fut.result() != files[rel]["sha256"]]
+        pool.shutdown()
+        if bad:
+            raise CheckpointError(f"checkpoint {path} failed verification:\n  " + "\n  ".join(
+                f"{os.path.join(path, rel)} does not match its SHA-256 in {MANIFEST} (modified or corrupt)"
+                for rel in bad))
+
+    return wait
 
 
 def write_manifest(path: str, reports: dict[str, dict]) -> None:

@@ -21,7 +21,7 @@ import torch
 
 from megalm.config import Config, from_dict
 from megalm.errors import CheckpointError
-from megalm.training.manifest import STATE_FILE, verify
+from megalm.training.manifest import STATE_FILE, check_hashes_in_background, verify
 from megalm.training.param_names import model_param_names
 from megalm.training.state_save import OPTIM_DIR, WEIGHTS_DIR, rng_file
 
@@ -183,33 +183,45 @@ def load_into_engine(engine: Any, cfg: Config, step_dir: str, state: dict, verif
     rng_rel = rng_file(rng_rank) if rng_rank is not None else None
     if rng_rel is not None:
         files.add(rng_rel)
-    verify(step_dir, only=sorted(files), mode=verify_mode)
+    # Sizes now; checksums on a helper thread while the tensors are read, checked before the run goes on.
+    if verify_mode == "full":
+        hashes_ok = check_hashes_in_background(step_dir, files)
+    else:
+        verify(step_dir, only=sorted(files), mode=verify_mode)
+        hashes_ok = None
+
+    from safetensors import SafetensorError
 
     adam_step = int(state.get("adam_step", 0))
     if moments is not None:
         ds_state.ensure_adam_state(ds, adam_step)
-    with torch.no_grad():
-        for name, p in params.items():  # same order on every rank: ZeRO-3 sets are collective
-            value = weights.for_rank(name, tr, ts)
-            if tuple(value.shape) != ds_state.full_shape(p):
-                raise CheckpointError(f"{step_dir}: {name} has shape {tuple(value.shape)}, the model "
-                                      f"{ds_state.full_shape(p)} (another model size?)")
-            ds_state.set_param(p, value.to(_device(p)))
-            if moments is not None:
-                for k in ds_state.ADAM_KEYS:
-                    ds_state.set_moment(ds, p, k, moments.for_rank(f"{name}/{k}", tr, ts).to(_device(p)))
-    weights.close()
-    if rng_rel is not None:
-        from safetensors import safe_open
+    try:
+        with torch.no_grad():
+            for name, p in params.items():  # same order on every rank: ZeRO-3 sets are collective
+                value = weights.for_rank(name, tr, ts)
+                if tuple(value.shape) != ds_state.full_shape(p):
+                    raise CheckpointError(f"{step_dir}: {name} has shape {tuple(value.shape)}, the model "
+                                          f"{ds_state.full_shape(p)} (another model size?)")
+                ds_state.set_param(p, value.to(p.device))
+                if moments is not None:
+                    for k in ds_state.ADAM_KEYS:
+                        ds_state.set_moment(ds, p, k, moments.for_rank(f"{name}/{k}", tr, ts).to(p.device))
+        weights.close()
+        if rng_rel is not None:
+            from safetensors import safe_open
 
-        with safe_open(os.path.join(step_dir, rng_rel), framework="pt") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-            set_rng_state(tensors, json.loads(f.metadata()["plain"]))
+            with safe_open(os.path.join(step_dir, rng_rel), framework="pt") as f:
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+                set_rng_state(tensors, json.loads(f.metadata()["plain"]))
+    except (CheckpointError, SafetensorError, ValueError) as e:
+        if hashes_ok is not None:
+            hashes_ok()  # a corrupt file is named as such, not as whatever the parser tripped over
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"{step_dir} could not be read: {e}") from e
+    if hashes_ok is not None:
+        hashes_ok()
     return moments is not None
-
-
-def _device(p: torch.nn.Parameter) -> torch.device:
-    return p.device
 
 
 def write_checkpoint(root: str, cfg: Config, vocab_size: int, weights: dict[str, torch.Tensor],
