@@ -154,6 +154,9 @@ class Checkpointer:
             return None
         own = latest_path(self.root)
         if how == "auto" or own is not None:
+            if how != "auto" and self.rank == 0:
+                logger.info(f"checkpoint.resume={how}: this run has saved since it started from there; "
+                            f"continuing from its own {own}")
             return own
         from megalm.training.universal import resolve_step_dir
 
@@ -174,11 +177,9 @@ class Checkpointer:
         state = read_state(path)
         saved = (state["tensor"], state["pipeline"], state["world_size"], state["zero_stage"])
         now = (self.cfg.parallel.tensor, self.cfg.parallel.pipeline, self.world_size, self.cfg.zero.stage)
-        same = saved == now and not state.get("universal_only")
-        if same and "tensor_index" not in state:
-            raise CheckpointError(f"{path} was written by an older megalm (DeepSpeed pickle files); it is read "
-                                  f"only through its layout-free shards: resume it at another layout once, or "
-                                  f"re-save it with that megalm")
+        # A checkpoint of an older megalm (no tensor index) is read through its layout-free shards only: its
+        # DeepSpeed pickle files are never opened, so its RNG streams start afresh.
+        same = saved == now and not state.get("universal_only") and "tensor_index" in state
         carried = load_into_engine(self.engine, self.cfg, path, state, mode, rng_rank=self.rank if same else None)
         step, consumed = int(state["step"]), int(state["consumed_samples"])
         ds_state.set_engine_counters(self.engine.ds, state.get("engine", {}), step, consumed)
