@@ -157,3 +157,43 @@ def test_import_never_repoints_latest_of_an_existing_run(tmp_path):
     (tmp_path / "run" / "latest").write_text("step_00000010\n")
     with pytest.raises(CheckpointError, match="already holds checkpoints"):
         _refuse_existing_run(str(tmp_path / "run"))
+
+
+def test_streamed_shard_is_plain_safetensors_and_hashed_while_written(tmp_path):
+    import torch
+    from safetensors import safe_open
+
+    from megalm.training.shard_writer import ShardWriter
+
+    tensors = {"a": torch.randn(3, 5), "b/exp_avg": torch.arange(7, dtype=torch.float32),
+               "c": torch.tensor([1, 2], dtype=torch.bfloat16)}
+    path = str(tmp_path / "x.safetensors")
+    w = ShardWriter(path, [(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()], {"megalm": "{}"})
+    for k, v in tensors.items():
+        w.write(k, v)
+    size, sha = w.close()
+    assert size == os.path.getsize(path) and sha == _sha(path)
+    with safe_open(path, framework="pt") as f:
+        assert f.metadata() == {"megalm": "{}"}
+        assert all(torch.equal(f.get_tensor(k), v) for k, v in tensors.items())
+    w = ShardWriter(str(tmp_path / "y.safetensors"), [("a", torch.float32, (3, 5))])
+    with pytest.raises(ValueError, match="expected a"):
+        w.write("a", torch.zeros(2))
+
+
+def test_export_reads_only_verified_weights(tmp_path):
+    import torch
+
+    from megalm import config as C
+    from megalm.training.universal import read_full_weights, write_checkpoint
+
+    cfg = C.load(None, [])
+    step_dir = write_checkpoint(str(tmp_path), cfg, 100, {"w": torch.ones(4, 4), "b": torch.zeros(4)})
+    _, _, weights = read_full_weights(str(tmp_path))
+    assert torch.equal(weights["w"], torch.ones(4, 4))
+    victim = glob.glob(os.path.join(step_dir, "megalm", "weights", "*.safetensors"))[0]
+    data = bytearray(open(victim, "rb").read())
+    data[-3] ^= 0xFF
+    open(victim, "wb").write(bytes(data))
+    with pytest.raises(CheckpointError, match="SHA-256"):
+        read_full_weights(str(tmp_path))
