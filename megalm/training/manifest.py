@@ -131,11 +131,10 @@ def verify(path: str, checksums: bool = True, only: Optional[Iterable[str]] = No
 def check_hashes_in_background(path: str, only: Iterable[str]) -> Callable[[], None]:
     """Hash ``only`` on a helper thread (hashlib releases the GIL) while the caller reads them; the returned
     function waits and raises CheckpointError naming any file whose SHA-256 differs from the manifest.
-    Sizes are checked at once (``verify(mode="size")``), so nothing truncated is ever parsed."""
+    Check sizes first (``verify(mode="size")``), so nothing truncated is ever parsed."""
     from concurrent.futures import ThreadPoolExecutor
 
     rels = sorted(set(only))
-    verify(path, only=rels, mode="size")
     files = read_manifest(path)
     pool = ThreadPoolExecutor(max_workers=1)
     futures = {rel: pool.submit(sha256_file, os.path.join(path, rel)) for rel in rels}

@@ -184,8 +184,10 @@ def load_into_engine(engine: Any, cfg: Config, step_dir: str, state: dict, verif
     if rng_rel is not None:
         files.add(rng_rel)
     # Sizes now; checksums on a helper thread while the tensors are read, checked before the run goes on.
+    # A file several ranks read is hashed by one of them: the job hashes each file once, not once per reader.
     if verify_mode == "full":
-        hashes_ok = check_hashes_in_background(step_dir, files)
+        verify(step_dir, only=sorted(files), mode="size")
+        hashes_ok = _shared_hash_check(step_dir, files)
     else:
         verify(step_dir, only=sorted(files), mode=verify_mode)
         hashes_ok = None
@@ -222,6 +224,40 @@ def load_into_engine(engine: Any, cfg: Config, step_dir: str, state: dict, verif
     if hashes_ok is not None:
         hashes_ok()
     return moments is not None
+
+
+def _shared_hash_check(step_dir: str, files: set[str]):
+    """Hash this rank's share of ``files`` (each file by one of the ranks that read it) in the background;
+    the returned function (collective) raises on every rank if any rank found a mismatch."""
+    import zlib
+
+    import torch.distributed as dist
+
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return check_hashes_in_background(step_dir, files)
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, sorted(files))
+    readers: dict[str, list[int]] = {}
+    for r, fs in enumerate(everyone):
+        for f in fs:
+            readers.setdefault(f, []).append(r)
+    me = dist.get_rank()
+    mine = [f for f, rs in readers.items() if rs[zlib.crc32(f.encode()) % len(rs)] == me]
+    local = check_hashes_in_background(step_dir, mine)
+
+    def wait() -> None:
+        try:
+            local()
+            problem = ""
+        except CheckpointError as e:
+            problem = str(e)
+        problems = [None] * dist.get_world_size()
+        dist.all_gather_object(problems, problem)
+        found = [p for p in problems if p]
+        if found:
+            raise CheckpointError("\n".join(dict.fromkeys(found)))
+
+    return wait
 
 
 def write_checkpoint(root: str, cfg: Config, vocab_size: int, weights: dict[str, torch.Tensor],

@@ -24,6 +24,13 @@ def test_stop_and_resume_is_bit_identical(tiny_data, tmp_path, layout):
     _, ref, _ = run_pretrain(tiny_data, tmp_path / "ref", nproc=2, overrides=BASE + layout)
     run_dir = tmp_path / "run"
     run_pretrain(tiny_data, run_dir, nproc=2, overrides=BASE + layout + ["train.exit_interval=4"])
+    if layout[1] == "zero.stage=1":  # both ranks read every file, one of them hashes each: still caught
+        victim = sorted((run_dir / "checkpoints" / "step_00000004" / "megalm" / "optim").iterdir())[-1]
+        good = victim.read_bytes()
+        victim.write_bytes(good[:-5] + bytes(b ^ 0xFF for b in good[-5:]))
+        code, _, err = run_pretrain(tiny_data, run_dir, nproc=2, overrides=BASE + layout, check=False)
+        assert code != 0 and victim.name in err and "SHA-256" in err, err[-3000:]
+        victim.write_bytes(good)
     _, resumed, _ = run_pretrain(tiny_data, run_dir, nproc=2, overrides=BASE + layout)
     assert losses(resumed) == losses(ref)
 
