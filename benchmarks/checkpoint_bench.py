@@ -214,6 +214,8 @@ def main(argv=None) -> int:
     med = {k: statistics.median(v) for k, v in results.items()}
     per_rank = [None] * world
     dist.all_gather_object(per_rank, med)
+    rounds = [None] * world
+    dist.all_gather_object(rounds, results)
     if rank == 0:
         worst = {k: max(r[k] for r in per_rank) for k in med}
         state_bytes = sum(sizes)
@@ -228,7 +230,7 @@ def main(argv=None) -> int:
             "async_stall_s": worst["async_stall"], "copy_s": worst["copy"],
             "stall_ratio": worst["async_stall"] / worst["copy"], "async_total_s": worst["async_total"],
             "save_extra_rss_gb": worst["save_rss"] / 2**30, "async_extra_rss_gb": worst["async_rss"] / 2**30,
-            "rank_state_gb": max(sizes) / 2**30, "rounds": a.rounds, "raw": per_rank,
+            "rank_state_gb": max(sizes) / 2**30, "rounds": a.rounds, "per_round": rounds,
         }
         print(json.dumps(out))
         if a.dir is None:
