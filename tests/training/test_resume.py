@@ -31,6 +31,35 @@ def _start(tiny_data, run_dir, nproc, overrides):
                             text=True, env=env, cwd=ROOT, start_new_session=True)
 
 
+def _descendants(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    kids = [int(k) for k in out]
+    return kids + [d for k in kids for d in _descendants(k)]
+
+
+def kill9(proc) -> None:
+    """SIGKILL the launcher and every rank: torchrun starts its workers in sessions of their own, so a kill
+    of the launcher's process group alone leaves them running. Returns once none of them runs."""
+    pids = _descendants(proc.pid)
+    os.killpg(proc.pid, signal.SIGKILL)
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+    deadline = time.time() + 30
+    for pid in pids:
+        while time.time() < deadline:
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    if f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X"):
+                        break
+            except OSError:
+                break
+            time.sleep(0.02)
+
+
 def _wait_for_step(proc, run_dir, step, timeout=120):
     t0 = time.time()
     while time.time() - t0 < timeout:
@@ -59,8 +88,7 @@ def test_kill9_then_resume_is_bit_identical(tiny_data, tmp_path, nproc, layout):
     run_dir = tmp_path / "killed"
     proc = _start(tiny_data, run_dir, nproc, CKPT + layout)
     _wait_for_step(proc, run_dir, 5)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill9(proc)
     _, resumed, _ = run_pretrain(tiny_data, run_dir, nproc=nproc, overrides=CKPT + layout)
     assert losses(resumed) == losses(ref)  # exact: fp32 on CPU, same layout
     assert [r["step"] for r in resumed if "loss" in r] == list(range(1, 13))
@@ -81,7 +109,7 @@ def test_random_kills_including_during_saves(tiny_data, tmp_path):
         _wait_for_step(proc, run_dir, (done[-1]["step"] if done else 0) + 1)
         time.sleep(rng.uniform(0.0, 0.4))  # a step + save takes ~0.1-0.3 s here: kills land in both
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+            kill9(proc)
             kills += 1
         proc.wait()
     assert kills >= 2

@@ -2,14 +2,11 @@
 bit-identically; a run started from checkpoint.resume=<path> continues from its own checkpoints after a
 requeue."""
 
-import os
-import signal
-
 import pytest
 
 from megalm.training import universal
 from tests.training.conftest import losses, run_pretrain
-from tests.training.test_resume import _start, _wait_for_step
+from tests.training.test_resume import _start, _wait_for_step, kill9
 
 pytestmark = pytest.mark.slow
 
@@ -42,8 +39,7 @@ def test_async_save_kill9_then_resume_is_bit_identical(tiny_data, tmp_path):
     run_dir = tmp_path / "killed"
     proc = _start(tiny_data, run_dir, 2, over)
     _wait_for_step(proc, run_dir, 7)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill9(proc)
     # whatever the kill interrupted, latest names a complete, verifiable checkpoint
     step_dir = universal.resolve_step_dir(str(run_dir / "checkpoints"))
     from megalm.training.manifest import verify
