@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
@@ -39,14 +39,6 @@ class Item:
     param: torch.nn.Parameter
     writer: int  # data-parallel rank that writes it, -1 = nobody on this (TP, PP) slice
     partition: dict
-
-
-@dataclass
-class RankFiles:
-    """The files one rank writes, with the names and shapes that go in each."""
-
-    weights: list = field(default_factory=list)  # (name, dtype, shape)
-    optim: list = field(default_factory=list)
 
 
 def partition_of(p: torch.nn.Parameter) -> dict:

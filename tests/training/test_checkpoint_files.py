@@ -125,10 +125,9 @@ def test_run_lock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path, capl
     assert not (tmp_path / LOCK).exists()
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    holder = json.loads(json.dumps({"host": os.uname().nodename, "pid": dead.pid, "slurm_job": None}))
     import socket
 
-    holder["host"] = socket.gethostname()
+    holder = {"host": socket.gethostname(), "pid": dead.pid, "slurm_job": None}
     (tmp_path / LOCK).write_text(json.dumps(holder))
     with caplog.at_level(logging.WARNING):
         again = RunLock(str(tmp_path))
