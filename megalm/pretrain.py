@@ -144,9 +144,8 @@ def _lock_run_dir(run_dir: str, rank: int):
     holds it."""
     import atexit
 
-    import torch.distributed as dist
-
     from megalm.errors import CheckpointError
+    from megalm.parallel import comm
     from megalm.training.run_lock import RunLock
 
     lock, error = None, [None]
@@ -156,8 +155,7 @@ def _lock_run_dir(run_dir: str, rank: int):
             lock.acquire()
         except CheckpointError as e:
             error = [str(e)]
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.broadcast_object_list(error, src=0)
+    error = comm.all_gather_object(error[0])[:1]  # rank 0's verdict, on every rank
     if error[0]:
         raise CheckpointError(error[0])
     if lock is not None:

@@ -23,6 +23,7 @@ import torch.distributed as dist
 import megalm
 from megalm.config import Config
 from megalm.errors import CheckpointError
+from megalm.parallel import comm
 from megalm.training import manifest, state_save
 from megalm.training.manifest import latest_path, list_steps, publish, step_name, verify  # noqa: F401 (API)
 
@@ -50,8 +51,7 @@ class Checkpointer:
         self._group = dist.new_group(backend="gloo") if dist.is_initialized() and world_size > 1 else None
 
     def _barrier(self) -> None:
-        if dist.is_initialized():
-            dist.barrier()
+        comm.barrier()
 
     # ------------------------------------------------------------------ save
 
@@ -98,11 +98,7 @@ class Checkpointer:
     def _complete(self, finish: Any, tmp: str, name: str, state: Optional[dict], step: int,
                   diagnostic: bool) -> None:
         reports = finish()  # this rank's files, written, fsynced, hashed
-        gathered = [None] * self.world_size if self.rank == 0 else None
-        if self._group is not None:
-            dist.gather_object(reports, gathered, dst=0, group=self._group)
-        else:
-            gathered = [reports]
+        gathered = comm.all_gather_object(reports, group=self._group) if self._group is not None else [reports]
         if self.rank == 0:
             merged = {rel: rep for r in gathered for rel, rep in r.items()}
             state["tensor_index"] = state_save.tensor_index(merged)
@@ -112,7 +108,7 @@ class Checkpointer:
                 self._prune(step)
             logger.info(f"saved checkpoint {os.path.join(self.root, name)}")
         if self._group is not None:
-            dist.barrier(group=self._group)
+            comm.barrier(group=self._group)
 
     def _state(self, step: int) -> dict:
         from megalm.training import ds_state

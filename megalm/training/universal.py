@@ -233,10 +233,11 @@ def _shared_hash_check(step_dir: str, files: set[str]):
 
     import torch.distributed as dist
 
+    from megalm.parallel import comm
+
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return check_hashes_in_background(step_dir, files)
-    everyone = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, sorted(files))
+    everyone = comm.all_gather_object(sorted(files))
     readers: dict[str, list[int]] = {}
     for r, fs in enumerate(everyone):
         for f in fs:
@@ -251,8 +252,7 @@ def _shared_hash_check(step_dir: str, files: set[str]):
             problem = ""
         except CheckpointError as e:
             problem = str(e)
-        problems = [None] * dist.get_world_size()
-        dist.all_gather_object(problems, problem)
+        problems = comm.all_gather_object(problem)
         found = [p for p in problems if p]
         if found:
             raise CheckpointError("\n".join(dict.fromkeys(found)))
