@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import json
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
@@ -471,8 +472,115 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
         raise ConfigError(f"objective.plm_k must be at least 1, got {cfg.objective.plm_k}")
     if m.arch == "bert" and m.position == "rope" and cfg.objective.name == "mlm":
         pass  # allowed: a RoPE encoder is fine, it just has no HF BERT export
+    validate_values(cfg)
     if world_size is not None:
         validate_layout(cfg, world_size)
+
+
+BUILTIN_OBJECTIVES = {"clm": "gpt", "mlm": "bert", "plm": "gpt"}  # objective -> the model.arch it trains
+_SPLIT = re.compile(r"^\s*\d+(\.\d*)?(\s*[,/]\s*\d+(\.\d*)?){0,2}\s*$")
+
+
+def _check_blend(prefix: Any) -> None:
+    """data.prefix: one prefix, a list of prefixes, or [w1, p1, w2, p2, ...] with weights >= 0."""
+    if prefix is None or isinstance(prefix, str):
+        return
+    items = list(prefix)
+    if not items:
+        raise ConfigError("data.prefix is an empty list: give a prefix, or a blend like "
+                          "--set 'data.prefix=[0.7, data/a_text_document, 0.3, data/b_text_document]'")
+    if all(isinstance(x, str) for x in items):
+        return
+    example = "--set 'data.prefix=[0.7, data/a_text_document, 0.3, data/b_text_document]'"
+    if len(items) % 2:
+        raise ConfigError(f"data.prefix blend has {len(items)} items; it must alternate weight, prefix "
+                          f"(an even count), e.g. {example}")
+    weights = items[0::2]
+    for w, pfx in zip(weights, items[1::2]):
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not isinstance(pfx, str):
+            raise ConfigError(f"data.prefix blend must alternate a number and a prefix string; got {w!r}, {pfx!r} "
+                              f"(e.g. {example})")
+        if w < 0:
+            raise ConfigError(f"data.prefix blend weight {w} (before {pfx!r}) is negative; weights must be >= 0")
+    if sum(weights) <= 0:
+        raise ConfigError(f"data.prefix blend weights {weights} sum to 0; at least one must be positive")
+
+
+def validate_values(cfg: Config) -> None:
+    """Value rules a run would otherwise discover minutes in: ranges, choices, objective vs model, schedule."""
+    m, o, t, opt = cfg.model, cfg.objective, cfg.train, cfg.optim
+    _check_blend(cfg.data.prefix)
+    if not _SPLIT.match(str(cfg.data.split)) or not any(float(x) for x in re.findall(r"[.0-9]+", cfg.data.split)):
+        raise ConfigError(f"data.split must be 1-3 comma-separated non-negative numbers with one positive, "
+                          f"like --set data.split=969,30,1; got {cfg.data.split!r}")
+    if o.name not in BUILTIN_OBJECTIVES and ":" not in o.name:
+        raise ConfigError(f"objective.name must be one of {', '.join(BUILTIN_OBJECTIVES)} or 'package.module:Class'; "
+                          f"got {o.name!r}")
+    wants = BUILTIN_OBJECTIVES.get(o.name)
+    if wants and m.arch != wants:
+        fix = "configs/bert_base.yaml" if wants == "bert" else "configs/gpt_125m.yaml"
+        raise ConfigError(f"objective.name={o.name} trains a model.arch={wants} model, but model.arch={m.arch}; "
+                          f"set --set model.arch={wants} (and its shape, e.g. extends {fix}) or pick another objective")
+    if m.position == "learned" and m.max_positions < m.seq_length:
+        raise ConfigError(f"model.max_position_embeddings ({m.max_positions}) is shorter than model.seq_length "
+                          f"({m.seq_length}) with learned positions; set --set model.max_position_embeddings="
+                          f"{m.seq_length} or shorten model.seq_length")
+    at_least = {  # key: (value, minimum)
+        "optim.warmup_iters": (opt.warmup_iters, 0), "train.eval_iters": (t.eval_iters, 0),
+        "train.exit_interval": (t.exit_interval, 0), "train.max_skipped_steps": (t.max_skipped_steps, 0),
+        "checkpoint.interval": (cfg.checkpoint.interval, 0), "checkpoint.keep": (cfg.checkpoint.keep, 1),
+        "checkpoint.keep_every": (cfg.checkpoint.keep_every, 0), "data.num_workers": (cfg.data.num_workers, 0),
+        "objective.max_span_length": (o.max_span_length, 1), "model.num_token_types": (m.num_token_types, 0),
+        "zero.reduce_bucket_size": (cfg.zero.reduce_bucket_size, 1),
+        "loss_scale.loss_scale_window": (cfg.loss_scale.loss_scale_window, 1),
+        "loss_scale.hysteresis": (cfg.loss_scale.hysteresis, 1),
+    }
+    for key, (value, low) in at_least.items():
+        if value < low:
+            raise ConfigError(f"{key} must be at least {low}, got {value}")
+    for key, value in (("model.num_kv_heads", m.num_kv_heads), ("model.vocab_size", m.vocab_size),
+                       ("model.ffn_hidden_size", m.ffn_hidden_size),
+                       ("model.max_position_embeddings", m.max_position_embeddings),
+                       ("optim.decay_iters", opt.decay_iters)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{key} must be at least 1 (or null for the default), got {value}")
+    positive = {"optim.lr": opt.lr, "optim.eps": opt.eps, "model.norm_eps": m.norm_eps,
+                "model.init_std": m.init_std, "model.rope_base": m.rope_base,
+                "loss_scale.min_loss_scale": cfg.loss_scale.min_loss_scale}
+    for key, value in positive.items():
+        if not value > 0:
+            raise ConfigError(f"{key} must be positive, got {value}")
+    if t.peak_tflops is not None and not t.peak_tflops > 0:
+        raise ConfigError(f"train.peak_tflops must be positive (or null to guess from the device), got {t.peak_tflops}")
+    if t.exit_duration_minutes is not None and not t.exit_duration_minutes > 0:
+        raise ConfigError(f"train.exit_duration_minutes must be positive (or null), got {t.exit_duration_minutes}")
+    if not 0 <= opt.min_lr <= opt.lr:
+        raise ConfigError(f"optim.min_lr ({opt.min_lr}) must be in [0, optim.lr = {opt.lr}]")
+    for key, value in (("optim.weight_decay", opt.weight_decay), ("optim.clip_grad", opt.clip_grad)):
+        if value < 0:
+            raise ConfigError(f"{key} must be >= 0, got {value}")
+    for key, value in (("optim.beta1", opt.beta1), ("optim.beta2", opt.beta2)):
+        if not 0 <= value < 1:
+            raise ConfigError(f"{key} must be in [0, 1), got {value}")
+    if not 0 < opt.wsd_decay_fraction <= 1:
+        raise ConfigError(f"optim.wsd_decay_fraction must be in (0, 1], got {opt.wsd_decay_fraction}")
+
+
+def schedule_warnings(cfg: Config) -> list[str]:
+    """Legal but almost certainly unintended schedules (a preset's warmup on a short smoke run, say)."""
+    opt, iters = cfg.optim, cfg.train.iters
+    decay = opt.decay_iters or iters
+    out = []
+    if opt.warmup_iters > iters:
+        out.append(f"optim.warmup_iters ({opt.warmup_iters}) is longer than the run (train.iters={iters}): the "
+                   f"LR never reaches optim.lr; set --set optim.warmup_iters={max(iters // 10, 0)}")
+    elif opt.warmup_iters > decay:
+        out.append(f"optim.warmup_iters ({opt.warmup_iters}) is longer than optim.decay_iters ({decay}); "
+                   f"set --set optim.decay_iters={iters} or shorten the warmup")
+    if cfg.train.eval_iters > 0 and cfg.train.eval_interval > iters:
+        out.append(f"train.eval_interval ({cfg.train.eval_interval}) is longer than the run "
+                   f"(train.iters={iters}): only the final evaluation runs")
+    return out
 
 
 def validate_layout(cfg: Config, world_size: int) -> None:
