@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import os
 import re
 import typing
@@ -453,7 +454,8 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     if cfg.zero.stage >= 2 and p.pipeline > 1:
         raise ConfigError(
             f"zero.stage={cfg.zero.stage} cannot be combined with parallel.pipeline={p.pipeline}: "
-            "DeepSpeed refuses ZeRO-2/3 with pipeline parallelism. Use zero.stage=1 (or 0)."
+            "DeepSpeed refuses ZeRO-2/3 with pipeline parallelism. Write --set zero.stage=1 (or 0), "
+            "or use configs/ds/zero1_bf16.json"
         )
     if (cfg.zero.offload_optimizer or cfg.zero.offload_params) and cfg.zero.stage == 0:
         raise ConfigError("zero.offload_optimizer / zero.offload_params need zero.stage >= 1 (params: stage 3)")
@@ -587,14 +589,19 @@ def validate_layout(cfg: Config, world_size: int) -> None:
     tp, pp = cfg.parallel.tensor, cfg.parallel.pipeline
     if world_size % (tp * pp):
         raise ConfigError(
-            f"world size {world_size} must be divisible by parallel.tensor x parallel.pipeline = {tp} x {pp} = {tp * pp}"
+            f"world size {world_size} must be divisible by parallel.tensor x parallel.pipeline = {tp} x {pp} = "
+            f"{tp * pp}; change --world-size / the Slurm task count, or --set parallel.tensor / parallel.pipeline"
         )
     dp = world_size // (tp * pp)
     mb, gb = cfg.train.micro_batch_size, cfg.train.global_batch_size
     if gb % (mb * dp):
+        per_rank = gb // dp if gb % dp == 0 else 0
+        fits = [d for d in range(min(mb, per_rank), 0, -1) if per_rank % d == 0]
+        fix = (f"--set train.micro_batch_size={fits[0]}" if fits else
+               f"--set train.global_batch_size={-(-gb // (mb * dp)) * mb * dp}")
         raise ConfigError(
             f"train.global_batch_size ({gb}) must be divisible by train.micro_batch_size x data-parallel size "
-            f"= {mb} x {dp} = {mb * dp} (world {world_size} / tensor {tp} / pipeline {pp})"
+            f"= {mb} x {dp} = {mb * dp} (world {world_size} / tensor {tp} / pipeline {pp}); write {fix}"
         )
 
 
@@ -703,12 +710,14 @@ def read_ds_config(path: str) -> dict:
     return read_json(path, ConfigError, "the --ds-config DeepSpeed JSON")
 
 
-def fold_ds_config(raw: dict, ds: dict, ds_path: str) -> dict:
-    """Adopt the settings a ``--ds-config`` JSON makes, refusing any that the YAML/--set contradict.
+def fold_ds_config(raw: dict, ds: dict, ds_path: str, explicit: Optional[dict] = None) -> dict:
+    """Adopt the settings a ``--ds-config`` JSON makes: they win over the YAML (a model preset's
+    defaults), never over an explicit ``--set``; a ``--set`` that contradicts the JSON is an error
+    that names the ``--set`` to write.
 
-    ``raw`` is the merged YAML + overrides (only what the user wrote); keys the
-    user did not write are taken from the JSON; keys written in both must agree.
+    ``raw`` is the merged YAML + overrides; ``explicit`` the ``--set`` items alone (as a nested dict).
     """
+    explicit = explicit or {}
     fp16 = bool(_get_path(ds, ("fp16", "enabled")))
     bf16 = bool(_get_path(ds, ("bf16", "enabled")) or _get_path(ds, ("bfloat16", "enabled")))
     if fp16 and bf16:
@@ -728,17 +737,25 @@ def fold_ds_config(raw: dict, ds: dict, ds_path: str) -> dict:
         adopted["zero.offload_params"] = True
     out = json.loads(json.dumps(raw))
     for key, value in adopted.items():
-        mine = _get_dotted(raw, key)
+        mine = _get_dotted(explicit, key)
         if mine is not None and mine != value:
             raise ConfigError(
-                f"{ds_path} sets {key.split('.')[-1]}={value!r} but the config sets {key}={mine!r}; "
-                f"make them agree, or drop one of the two"
+                f"{ds_path} sets {key.split('.')[-1]}={value!r} but --set {key}={mine!r} says otherwise; "
+                f"write --set {key}={json.dumps(value)} (or drop that --set) to use the JSON's value, "
+                f"or change it in {ds_path}"
             )
         node = out
         parts = key.split(".")
         for p in parts[:-1]:
             node = node.setdefault(p, {})
         node[parts[-1]] = value
+    # A preset that sets the micro batch but whose JSON fixes only the global one (or the reverse)
+    # must still divide: say which --set makes them agree.
+    gb, mb = _get_dotted(out, "train.global_batch_size"), _get_dotted(out, "train.micro_batch_size")
+    if isinstance(gb, int) and isinstance(mb, int) and mb > 0 and gb % mb:
+        raise ConfigError(f"{ds_path} with the config gives train.global_batch_size={gb} and "
+                          f"train.micro_batch_size={mb}, which does not divide; write "
+                          f"--set train.micro_batch_size={math.gcd(gb, mb)}")
     return out
 
 
@@ -759,7 +776,7 @@ def merge_ds_config(derived: dict, ds: dict) -> dict:
         if isinstance(v, dict) and isinstance(out.get(k), dict):
             out[k] = {**v, **{kk: vv for kk, vv in out[k].items() if vv != "auto"}}
             for kk, vv in v.items():
-                if kk in ("stage", "enabled"):
+                if kk in ("stage", "enabled") or (k, kk) in _DS_TO_MEGALM:  # folded into cfg already
                     out[k][kk] = vv
         elif out.get(k) in (None, "auto"):
             out[k] = v
@@ -782,7 +799,7 @@ def resolve(
     raw = load_raw(path, overrides)
     ds_user = read_ds_config(ds_config) if ds_config else {}
     if ds_config:
-        raw = fold_ds_config(raw, ds_user, ds_config)
+        raw = fold_ds_config(raw, ds_user, ds_config, apply_overrides({}, overrides or []))
     where = f" (in {path})" if path else ""
     cfg = from_dict(raw, where)
     ws = world_size or cfg.parallel.tensor * cfg.parallel.pipeline

@@ -153,7 +153,7 @@ def test_zero23_with_pipeline_suggests_zero1():
 def test_ds_config_conflict_names_both(tmp_path):
     ds = tmp_path / "ds.json"
     ds.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
-    with pytest.raises(ConfigError, match=r"ds.json sets stage=3 but the config sets zero.stage=1"):
+    with pytest.raises(ConfigError, match=r"ds.json sets stage=3 but --set zero.stage=1 says otherwise; write --set zero.stage=3"):
         C.resolve(None, ["zero.stage=1"], str(ds), 1)
     cfg, out = C.resolve(None, [], str(ds), 1)  # not written by the user: adopted
     assert cfg.zero.stage == 3 and out["zero_optimization"]["stage"] == 3
