@@ -18,6 +18,7 @@ from megalm.errors import MegalmError
 # name -> (module with a main(argv) function, one-line help). tools/*.py are
 # thin scripts over the same modules, so installed users need no checkout.
 SUBCOMMANDS = {
+    "check": ("megalm.check", "preflight a config before the queue: rules, files, tokenizer, layout, memory"),
     "config": ("megalm.config_cli", "show the resolved config and the DeepSpeed JSON it derives"),
     "train": ("megalm.pretrain", "pretrain a model (same as megalm/pretrain.py)"),
     "preprocess": ("megalm.data.preprocess", "tokenize JSONL into Megatron .bin/.idx files"),

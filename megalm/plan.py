@@ -21,6 +21,8 @@ from megalm.config import Config, load
 from megalm.errors import ConfigError
 
 GB = 1024**3
+OVERHEAD_GB = 2.0  # assumed, not measured: CUDA context, NCCL buffers, allocator slack per GPU
+HEADROOM = 0.9  # a layout "fits" under this fraction of the GPU's memory
 RECOMPUTE = ("none", "selective", "full")
 
 

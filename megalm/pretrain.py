@@ -99,7 +99,7 @@ def _run(args: argparse.Namespace, rank: int, world: int, info: dict, preempt) -
     from megalm.model.compile import resolve_compile
     from megalm.objectives import build_objective
     from megalm.training.checkpoint import Checkpointer
-    from megalm.training.data import build_iterators
+    from megalm.training.data import build_iterators, open_datasets
     from megalm.training.engine import build_engine
     from megalm.training.loop import run
 
@@ -108,13 +108,9 @@ def _run(args: argparse.Namespace, rank: int, world: int, info: dict, preempt) -
     log = logging.getLogger("megalm")
     if cfg.precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("precision=fp16 needs a CUDA GPU (DeepSpeed refuses fp16 on CPU); use bf16 or fp32")
-    if not cfg.data.tokenizer:
-        raise ConfigError("data.tokenizer is not set: give a SentencePiece .model, a Hugging Face tokenizer.json "
-                          "(or its directory) or a GPT-2 vocab.json (merges.txt beside it)")
+    _preflight(cfg, world, rank, log)
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     vocab = cfg.model.vocab_size or tokenizer.vocab_size
-    if vocab < tokenizer.vocab_size:
-        raise ConfigError(f"model.vocab_size ({vocab}) is smaller than the tokenizer's ({tokenizer.vocab_size})")
     cfg = cfg.replace(model=dataclasses.replace(cfg.model, vocab_size=vocab),
                       train=dataclasses.replace(cfg.train, compile=resolve_compile(cfg.train.compile, device().type)))
     _lock_run_dir(cfg.run.dir, rank)  # before anything is written there: a second job on this run exits at once
@@ -126,12 +122,13 @@ def _run(args: argparse.Namespace, rank: int, world: int, info: dict, preempt) -
                  f"pipeline={cfg.parallel.pipeline} data={cfg.data_parallel_size(world)} zero={cfg.zero.stage} "
                  f"precision={cfg.precision}; run dir {cfg.run.dir}")
     objective = build_objective(cfg, tokenizer)
+    datasets = open_datasets(cfg, tokenizer, objective)  # before the model: bad data fails in seconds
     engine = build_engine(cfg, ds_config, vocab, objective)
     _write_run_info(cfg, engine, rank, world)
     checkpointer = Checkpointer(cfg, engine, rank, world, tokenizer_path=cfg.data.tokenizer)
     start_step, consumed = checkpointer.load()
     train_batches, valid_batches, test_batches = build_iterators(cfg, tokenizer, objective, consumed, engine.dp_rank,
-                                                                 engine.dp_size)
+                                                                 engine.dp_size, datasets)
     try:
         return run(cfg, engine, objective, train_batches, valid_batches, checkpointer, start_step, consumed,
                    device(), world, rank, preempt, test_batches=test_batches)
@@ -160,6 +157,26 @@ def _lock_run_dir(run_dir: str, rank: int):
         raise CheckpointError(error[0])
     if lock is not None:
         atexit.register(lock.release)
+
+
+def _preflight(cfg, world: int, rank: int, log: logging.Logger) -> None:
+    """``megalm check``'s checks on every rank (a node may lack the shared filesystem): the first
+    problem is raised before anything heavy is built; warnings are logged once."""
+    import torch
+
+    from megalm.check import preflight
+
+    gpu_mem = torch.cuda.get_device_properties(0).total_memory / 1024**3 if torch.cuda.is_available() else None
+    report = preflight(cfg, world, gpu_mem, memory_is_error=False)
+    if rank == 0:
+        for rule, message in report.warnings:
+            log.warning(f"megalm check: {rule}: {message}")
+    if report.errors:
+        from megalm.errors import MegalmError
+
+        rule, message = report.errors[0]
+        more = f" (and {len(report.errors) - 1} more: run `megalm check` for all)" if len(report.errors) > 1 else ""
+        raise MegalmError(f"{message}{more}")
 
 
 def _write_run_info(cfg, engine, rank: int, world: int) -> None:

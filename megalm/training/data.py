@@ -57,18 +57,26 @@ def _loader(cfg: Config, dataset: Any, objective: Objective, consumed: int, dp_r
     ))
 
 
-def build_iterators(cfg: Config, tokenizer: Any, objective: Objective, consumed: int, dp_rank: int,
-                    dp_size: int) -> tuple[Iterator[dict], Callable[[], Iterator[dict]] | None,
-                                           Callable[[], Iterator[dict]] | None]:
-    """(train batches from ``consumed`` on, factories of fresh validation / test iterators or None).
-
-    Test batches exist only when data.test names test data (Megatron evaluates it once, at the end)."""
+def open_datasets(cfg: Config, tokenizer: Any, objective: Objective) -> dict:
+    """The run's train/valid/test datasets (indices built or mapped): done before the model is built,
+    so bad data fails in seconds, not after the model and DeepSpeed are up."""
     from megalm.data.build import build_datasets
 
     gb = cfg.train.global_batch_size
     evals = max(cfg.train.eval_iters, 1) * gb
     wanted = {"train": cfg.train.iters * gb, "valid": evals, "test": evals if cfg.data.test else 0}
-    datasets = build_datasets(cfg, tokenizer, wanted, kind=objective.dataset_kind)
+    return build_datasets(cfg, tokenizer, wanted, kind=objective.dataset_kind)
+
+
+def build_iterators(cfg: Config, tokenizer: Any, objective: Objective, consumed: int, dp_rank: int,
+                    dp_size: int, datasets: dict | None = None
+                    ) -> tuple[Iterator[dict], Callable[[], Iterator[dict]] | None, Callable[[], Iterator[dict]] | None]:
+    """(train batches from ``consumed`` on, factories of fresh validation / test iterators or None).
+
+    Test batches exist only when data.test names test data (Megatron evaluates it once, at the end)."""
+    gb = cfg.train.global_batch_size
+    if datasets is None:
+        datasets = open_datasets(cfg, tokenizer, objective)
     vocab = cfg.model.vocab_size or tokenizer.vocab_size
     train = _loader(cfg, datasets["train"], objective, consumed, dp_rank, dp_size, vocab)
 
