@@ -4,6 +4,10 @@
 #
 # Knobs (environment variables; every one has a default, docs/cluster.md explains them):
 #   MEGALM_ROOT          repository checkout on a shared filesystem   [$SLURM_SUBMIT_DIR]
+#   MEGALM_IMAGE_ROOT    the same code as the ranks see it, e.g. /opt/megalm inside a container image:
+#                        MEGALM_ENTRY and relative MEGALM_CONFIG / MEGALM_DS_CONFIG resolve against it [$MEGALM_ROOT]
+#   MEGALM_CHECK         1: run `pretrain.py --check` (megalm check) in one task before srun starts the ranks;
+#                        0: skip it. Only for the default MEGALM_ENTRY  [1]
 #   MEGALM_CONFIG        model/run config (relative to MEGALM_ROOT)   [set by the calling script]
 #   MEGALM_DS_CONFIG     optional DeepSpeed JSON passed as --ds-config [none: derived from the config]
 #   MEGALM_PYTHON        interpreter on the compute nodes             [python3]
@@ -28,11 +32,19 @@ megalm_die() {
   exit 2
 }
 
-# Resolve a path relative to MEGALM_ROOT unless it is absolute.
+# Resolve a path relative to MEGALM_ROOT (the host checkout this script runs from) unless it is absolute.
 megalm_path() {
   case "$1" in
     /*) printf '%s\n' "$1" ;;
     *) printf '%s\n' "$MEGALM_ROOT/$1" ;;
+  esac
+}
+
+# The same, for what the ranks open: relative to MEGALM_IMAGE_ROOT (the code inside a container image).
+megalm_image_path() {
+  case "$1" in
+    /*) printf '%s\n' "$1" ;;
+    *) printf '%s\n' "$MEGALM_IMAGE_ROOT/$1" ;;
   esac
 }
 
@@ -72,8 +84,13 @@ megalm_environment() {
   : "${MEGALM_ENTRY:=megalm/pretrain.py}"
   : "${MEGALM_MAX_REQUEUES:=50}"
   : "${MEGALM_SRUN_WAIT:=300}"
-  MEGALM_CONFIG_PATH=$(megalm_path "$MEGALM_CONFIG")
-  [ -f "$MEGALM_CONFIG_PATH" ] || megalm_die "config $MEGALM_CONFIG_PATH not found (set MEGALM_ROOT or MEGALM_CONFIG)"
+  : "${MEGALM_IMAGE_ROOT:=$MEGALM_ROOT}"
+  : "${MEGALM_CHECK:=1}"
+  MEGALM_CONFIG_PATH=$(megalm_image_path "$MEGALM_CONFIG")
+  # Inside an image the config is checked where it lives, by `pretrain.py --check` in the container.
+  if [ "$MEGALM_IMAGE_ROOT" = "$MEGALM_ROOT" ] && [ ! -f "$MEGALM_CONFIG_PATH" ]; then
+    megalm_die "config $MEGALM_CONFIG_PATH not found (set MEGALM_ROOT or MEGALM_CONFIG)"
+  fi
 
   # Rendezvous: the first node of the allocation, a port from the job id (checked free). The restart
   # count moves the port on a requeue so a rerun never meets the previous run's socket in TIME_WAIT.
@@ -113,13 +130,24 @@ megalm_srun() {
   read -r -a srun_args <<<"${MEGALM_SRUN_ARGS:-}"
   read -r -a container <<<"${MEGALM_CONTAINER:-}"
   read -r -a extra <<<"${MEGALM_ARGS:-}"
-  local -a cmd=("$MEGALM_PYTHON" "$(megalm_path "$MEGALM_ENTRY")" --config "$MEGALM_CONFIG_PATH")
+  local -a cmd=("$MEGALM_PYTHON" "$(megalm_image_path "$MEGALM_ENTRY")" --config "$MEGALM_CONFIG_PATH")
   if [ -n "${MEGALM_DS_CONFIG:-}" ]; then
-    cmd+=(--ds-config "$(megalm_path "$MEGALM_DS_CONFIG")")
+    cmd+=(--ds-config "$(megalm_image_path "$MEGALM_DS_CONFIG")")
   fi
   cmd+=("${extra[@]}" "$@")
   if [ -n "${SLURM_CPUS_PER_TASK:-}" ]; then # srun >= 22.05 no longer inherits it from sbatch
     srun_args+=(--cpus-per-task="$SLURM_CPUS_PER_TASK")
+  fi
+
+  # Preflight: the same arguments through `megalm check`, in one task with the ranks' container and
+  # environment, so a wrong path or key fails here in seconds instead of on every rank.
+  if [ "$MEGALM_CHECK" = "1" ] && [ "$MEGALM_ENTRY" = "megalm/pretrain.py" ]; then
+    megalm_log "checking: ${container[*]} ${cmd[*]} --check --world-size $SLURM_NTASKS"
+    if ! srun --ntasks=1 --nodes=1 "${srun_args[@]}" "${container[@]}" "${cmd[@]}" --check \
+      --world-size "$SLURM_NTASKS"; then
+      megalm_log "error: megalm check failed (above): not starting the ranks" >&2
+      return 2
+    fi
   fi
 
   megalm_log "nodes $SLURM_JOB_NODELIST, $SLURM_NTASKS ranks, master $MASTER_ADDR:$MASTER_PORT," \

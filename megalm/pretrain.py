@@ -30,8 +30,27 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--ds-config", help="DeepSpeed JSON to fold in (checked against the YAML)")
     p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                    help="config overrides, e.g. --set parallel.tensor=2 train.iters=10")
+    p.add_argument("--check", action="store_true",
+                   help="run `megalm check` on these arguments and exit (the sbatch scripts do, before srun)")
+    p.add_argument("--world-size", type=int, default=None, help="with --check: the ranks the job will run on")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
+
+
+def _check_only(args: argparse.Namespace) -> int:
+    from megalm.check import main as check_main
+
+    argv = [args.config] if args.config else []
+    if not argv:
+        print("megalm/pretrain.py --check: --config is required", file=sys.stderr)
+        return 2
+    if args.ds_config:
+        argv += ["--ds-config", args.ds_config]
+    if args.world_size:
+        argv += ["--world-size", str(args.world_size)]
+    if args.overrides:
+        argv += ["--set", *args.overrides]
+    return check_main(argv)
 
 
 def _setup_logging(rank: int, level: str) -> None:
@@ -55,6 +74,8 @@ def _set_threads() -> None:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
+    if args.check:
+        return _check_only(args)
     from megalm.training.loop import Preemption
 
     preempt = Preemption()  # first: Slurm may signal while we are still starting up
