@@ -1,4 +1,5 @@
-"""The container recipe of docs/cluster.md on the real two-node Slurm test cluster: the batch script
+"""The container recipe of docs/cluster.md on the Slurm test cluster (a real Slurm install,
+two `slurmd` nodes on one host, CPU/gloo): the batch script
 runs from a host checkout (MEGALM_ROOT) that holds only launch/, while every task -- the `megalm
 check` preflight and both ranks -- runs through a stand-in container wrapper (fake_container.sh, in
 place of `apptainer exec`) on the code at the in-image path (MEGALM_IMAGE_ROOT)."""
