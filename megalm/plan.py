@@ -17,7 +17,7 @@ import sys
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
-from megalm.config import Config, load
+from megalm.config import Config, load, validate
 from megalm.errors import ConfigError
 
 GB = 1024**3
@@ -64,26 +64,92 @@ class ParamCount:
 
 @dataclass(frozen=True)
 class Estimate:
-    """Bytes on the busiest GPU of a layout."""
+    """Bytes on the busiest GPU of a layout. ``weights + grads + optimizer`` is the model state that stays
+    allocated (the measured rule in ``model_state_bytes``); the rest is counted or assumed (see SOURCES)."""
 
     layout: Layout
     params_per_gpu: int
     weights: float
     grads: float
-    optimizer: float
+    optimizer: float  # fp32 master weights, Adam moments, fp32 gradient accumulation buffers
+    step_temporaries: float  # during optimizer.step: the fp32 gradient cast and AdamW's temporaries
     activations: float
     buffers: float  # ZeRO buckets / prefetch, fp32 logits for the loss
     overhead: float  # CUDA context, NCCL, allocator slack: a constant
+    startup: float = 0.0  # peak while the model is built, before DeepSpeed partitions / casts it
+    save_host: float = 0.0  # host (CPU) memory this rank's checkpoint shard takes while it is saved
+
+    @property
+    def model_state(self) -> float:
+        return self.weights + self.grads + self.optimizer
 
     @property
     def total(self) -> float:
-        return self.weights + self.grads + self.optimizer + self.activations + self.buffers + self.overhead
+        return (self.weights + self.grads + self.optimizer + self.step_temporaries + self.activations
+                + self.buffers + self.overhead)
 
     def as_dict(self) -> dict:
-        d = {k: getattr(self, k) / GB for k in ("weights", "grads", "optimizer", "activations", "buffers",
-                                                  "overhead", "total")}
+        d = {k: getattr(self, k) / GB for k in ("weights", "grads", "optimizer", "step_temporaries", "activations",
+                                                  "buffers", "overhead", "total", "startup", "save_host")}
         return {"layout": dataclasses.asdict(self.layout), "params_per_gpu": self.params_per_gpu,
                 **{f"{k}_gb": round(v, 4) for k, v in d.items()}}
+
+
+# Where each number comes from; `megalm plan` prints this beside its table.
+SOURCES = {
+    "weights, grads, optimizer": "measured: DeepSpeed 0.19.8 allocations on CPU (gloo), fitted per ZeRO stage and "
+                                 "precision at two model sizes and DP 1 and 2 (tests/launch/test_plan.py)",
+    "activations": "counted: the tensors autograd saves in megalm's blocks, on CPU (tests/launch/test_plan.py)",
+    "step temporaries": "measured on CPU as part of whole-run peak memory (torch AdamW, foreach)",
+    "buffers": "assumed: logits + fp32 copy + gradient; ZeRO buckets and ZeRO-3 prefetch from the config",
+    "overhead": "assumed: --overhead GB (CUDA context, NCCL, allocator slack); not yet measured on a GPU",
+    "startup, save (host)": "assumed: the model built in fp32 before DeepSpeed casts/partitions it; a checkpoint "
+                            "shard copied to host memory whole while it is written; not measured",
+}
+
+
+def fp32_grad_accumulation(cfg: Config, layout: Layout) -> bool:
+    """Whether DeepSpeed keeps fp32 gradient buffers beside the bf16 ones: its BF16_Optimizer, which it
+    picks for bf16 with pipeline parallelism (ZeRO 0) or with ``data_types.grad_accum_dtype: fp32``."""
+    if cfg.precision != "bf16":
+        return False
+    try:
+        from megalm.config import deepspeed_config
+
+        ds = deepspeed_config(cfg, cfg.parallel.tensor * cfg.parallel.pipeline)
+    except ConfigError:
+        ds = {}
+    accum = (ds.get("data_types") or {}).get("grad_accum_dtype")
+    return accum in ("fp32", "float32") or (layout.pp > 1 and layout.zero == 0)
+
+
+def model_state_bytes(cfg: Config, layout: Layout, params: int) -> tuple[float, float, float]:
+    """(weights, grads, optimizer) bytes for ``params`` parameters on one rank: what DeepSpeed 0.19
+    allocates, measured on CPU (bytes per parameter at DP=1 / DP=2):
+
+    fp32  ZeRO-0 16/16 (4 w + 4 g + 8 Adam)   ZeRO-1/2 20/12 (4 w + (4 g + 4 fp32 copy + 8 Adam)/DP)
+          ZeRO-3 20/10 (all of it / DP)
+    bf16  ZeRO-0 16/16 (2 w + 2 g + 4 master + 8 Adam)   ZeRO-1/2 16/9 (2 w + (2 g + 12)/DP)
+          ZeRO-3 16/8; with fp32 gradient accumulation (BF16_Optimizer) ZeRO-1 20/14 (+4 fp32 g, whole)
+
+    DeepSpeed's ZeRO-1 reduces gradients into partitions as ZeRO-2 does, so both divide them by DP.
+    fp16 is taken to be bf16's rule (not run: DeepSpeed refuses fp16 on CPU).
+    """
+    mixed = cfg.precision in ("bf16", "fp16")
+    e = 2 if mixed else 4
+    dp, z = layout.dp, layout.zero
+    weights = params * e / (dp if z >= 3 else 1)
+    grads = params * e / (dp if z >= 1 else 1)
+    # fp32 runs under ZeRO keep their own fp32 copy of the partition; mixed precision its master weights
+    copy = 4 if (mixed or z >= 1) else 0
+    optimizer = params * (8 + copy) / (dp if z >= 1 else 1)
+    if fp32_grad_accumulation(cfg, layout):
+        if z <= 1:  # BF16_Optimizer keeps both gradient copies whole
+            grads = params * e
+        optimizer += params * 4 / (dp if z >= 2 else 1)
+    if cfg.zero.offload_optimizer and z >= 1:
+        optimizer = 0.0  # master weights and moments live in host memory
+    return weights, grads, optimizer
 
 
 # ------------------------------------------------------------------ parameters
@@ -220,58 +286,78 @@ def logits_bytes(cfg: Config, layout: Layout, element_bytes: int, vocab_size: Op
 
 # ------------------------------------------------------------------ the estimate
 
+def zero_bucket_bytes(cfg: Config, layout: Layout) -> float:
+    """The gradient reduce bucket(s) ZeRO-2/3 allocate up front: ``zero.reduce_bucket_size`` elements of
+    the gradient dtype, two with ``overlap_comm`` (one measured on CPU for ZeRO-3, fp32 and bf16)."""
+    if layout.zero < 2:
+        return 0.0
+    e = 2 if cfg.precision in ("bf16", "fp16") else 4
+    return cfg.zero.reduce_bucket_size * e * (2 if cfg.zero.overlap_comm else 1)
+
+
 def estimate(cfg: Config, layout: Layout, vocab_size: Optional[int] = None, overhead_gb: float = 0.0) -> Estimate:
-    """Memory of the busiest rank for ``layout``: weights, grads, optimizer, activations, buffers."""
+    """Memory of the busiest rank for ``layout``: model state, step temporaries, activations, buffers."""
     mixed = cfg.precision in ("bf16", "fp16")
     e = 2 if mixed else 4
     n = params_per_gpu(cfg, layout, vocab_size)
     dp, z = layout.dp, layout.zero
-    weights = n * e / (dp if z >= 3 else 1)
-    # Mixed precision: an fp32 gradient buffer beside the 16-bit grads, 4 more bytes. bf16 accumulates and
-    # all-reduces in it because megalm sets data_types.grad_accum_dtype=fp32 (DeepSpeed's default is bf16).
-    grads = n * (e + (4 if mixed else 0)) / (dp if z >= 2 else 1)
-    # Adam m and v in fp32; mixed precision adds the fp32 master weights and the fp32 gradient partition
-    # the optimizer steps on. torch's AdamW step builds fp32 temporaries: one per parameter in fp32 runs,
-    # two with mixed precision (measured on CPU, tests/launch/test_plan.py). ZeRO-1 and up partition all of
-    # it over the data-parallel ranks.
-    opt_per_param = 8 + (8 + 8 if mixed else 4)
-    optimizer = n * opt_per_param / (dp if z >= 1 else 1)
+    weights, grads, optimizer = model_state_bytes(cfg, layout, n)
+    # optimizer.step: torch's AdamW (foreach) builds fp32 temporaries, one per parameter in fp32 runs and two
+    # with mixed precision, which also casts its gradient partition to fp32 (measured as part of whole-run
+    # peak memory on CPU, tests/launch/test_plan.py). Over the partition under ZeRO >= 1.
+    step = n * (4 + 8 if mixed else 4) / (dp if z >= 1 else 1)
     if cfg.zero.offload_optimizer and z >= 1:
-        optimizer = 0.0
+        step = 0.0
     grad_accum = max(1, cfg.train.global_batch_size // (layout.micro_batch * dp))
     acts = activation_bytes(cfg, layout, e, grad_accum)
-    buffers = logits_bytes(cfg, layout, e, vocab_size)
-    if z >= 2:
-        buffers += cfg.zero.reduce_bucket_size * e * 2  # gradient reduce buckets
+    buffers = logits_bytes(cfg, layout, e, vocab_size) + zero_bucket_bytes(cfg, layout)
     if z >= 3:
         buffers += 2 * _split_layer_params(cfg, layout.tp) * e  # a gathered layer or two in flight
-    return Estimate(layout, n, weights, grads, optimizer, acts, buffers, overhead_gb * GB)
+    # megalm builds the rank's whole model in fp32 and DeepSpeed then casts and (ZeRO-3) partitions it
+    startup = n * (4 + (e if mixed else 0)) + overhead_gb * GB
+    save_host = weights + optimizer  # this rank's shard of model and optimizer states, in host memory
+    return Estimate(layout, n, weights, grads, optimizer, step, acts, buffers, overhead_gb * GB, startup, save_host)
 
 
 def _divisors(n: int) -> list[int]:
     return [i for i in range(1, n + 1) if n % i == 0]
 
 
+def with_layout(cfg: Config, layout: Layout) -> Config:
+    """The config with ``layout``'s parallel, ZeRO, micro-batch and recompute settings."""
+    return cfg.replace(
+        parallel=dataclasses.replace(cfg.parallel, tensor=layout.tp, pipeline=layout.pp,
+                                     sequence_parallel=layout.sequence_parallel),
+        zero=dataclasses.replace(cfg.zero, stage=layout.zero),
+        train=dataclasses.replace(cfg.train, micro_batch_size=layout.micro_batch,
+                                  activation_checkpointing=layout.recompute))
+
+
+def refusal(cfg: Config, layout: Layout) -> Optional[str]:
+    """Why megalm (`megalm check`, the trainer) refuses ``layout`` for ``cfg``, or None if it runs."""
+    try:
+        validate(with_layout(cfg, layout), layout.gpus)
+    except ConfigError as e:
+        return str(e)
+    return None
+
+
 def candidate_layouts(cfg: Config, gpus: int, gpus_per_node: int = 8) -> Iterator[Layout]:
-    """Every layout megalm can run on ``gpus`` ranks: TP within a node, PP dividing the layers."""
-    m, gb = cfg.model, cfg.train.global_batch_size
+    """Every layout megalm runs on ``gpus`` ranks (the trainer's own rules say so): TP within a node."""
+    m = cfg.model
     for tp in _divisors(min(gpus, gpus_per_node)):
-        if m.num_heads % tp or m.kv_heads % tp or m.ffn_size % tp:
-            continue
         for pp in _divisors(m.num_layers):
             if gpus % (tp * pp):
                 continue
             dp = gpus // (tp * pp)
             for mb in (1, 2, 4, 8, 16, 32):
-                if gb % (mb * dp):
-                    continue
                 for zero in (0, 1, 2, 3):
-                    if pp > 1 and zero > 1:
-                        continue  # DeepSpeed refuses ZeRO-2/3 with pipeline parallelism
                     if dp == 1 and zero > 0:
                         continue  # nothing to partition over
                     for recompute in RECOMPUTE:
-                        yield Layout(tp, pp, dp, zero, mb, recompute, sequence_parallel=tp > 1)
+                        layout = Layout(tp, pp, dp, zero, mb, recompute, sequence_parallel=tp > 1)
+                        if refusal(cfg, layout) is None:
+                            yield layout
 
 
 def relative_step_time(cfg: Config, layout: Layout) -> float:
@@ -295,7 +381,7 @@ def _cost(cfg: Config, est: Estimate) -> tuple:
 
 
 def plan(cfg: Config, gpus: int, gpu_mem_gb: float, gpus_per_node: int = 8, vocab_size: Optional[int] = None,
-         overhead_gb: float = 2.0, headroom: float = 0.9) -> list[Estimate]:
+         overhead_gb: float = OVERHEAD_GB, headroom: float = HEADROOM) -> list[Estimate]:
     """Layouts whose estimate fits ``headroom`` x ``gpu_mem_gb``, best first."""
     fits = []
     for layout in candidate_layouts(cfg, gpus, gpus_per_node):
@@ -317,13 +403,22 @@ def config_layout(cfg: Config, gpus: int) -> Layout:
 # ------------------------------------------------------------------ command line
 
 def _row(e: Estimate) -> str:
-    g = [x / GB for x in (e.weights, e.grads, e.optimizer, e.activations, e.buffers, e.total)]
+    g = [x / GB for x in (e.weights, e.grads, e.optimizer, e.step_temporaries, e.activations, e.buffers,
+                          e.overhead, e.total)]
     lay = e.layout
     return (f"{lay.tp:>3}{'+SP' if lay.sequence_parallel else '   '} {lay.pp:>3} {lay.dp:>5} {lay.zero:>5} "
             f"{lay.micro_batch:>3} {lay.recompute:<9} " + " ".join(f"{x:>8.2f}" for x in g))
 
 
-HEADER = (" TP       PP    DP  ZeRO  mb recompute  weights    grads    optim    activ  buffers    total GB")
+HEADER = (" TP       PP    DP  ZeRO  mb recompute  weights    grads    optim   step-t    activ  buffers overhead"
+          "    total GB")
+
+
+def _verdict(cfg: Config, est: Estimate, gpu_mem: float) -> str:
+    why = refusal(cfg, est.layout)
+    if why:
+        return f"   REFUSED by megalm check: {why}"
+    return "   fits" if est.total <= HEADROOM * gpu_mem * GB else "   DOES NOT FIT"
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -334,7 +429,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--gpu-mem", type=float, required=True, help="memory per GPU in GB (e.g. 80)")
     p.add_argument("--gpus-per-node", type=int, default=8, help="tensor parallelism stays within a node [8]")
     p.add_argument("--vocab", type=int, default=None, help="vocabulary size when the config leaves it to the tokenizer")
-    p.add_argument("--overhead", type=float, default=2.0, help="GB per GPU for CUDA context, NCCL, slack [2]")
+    p.add_argument("--overhead", type=float, default=OVERHEAD_GB,
+                   help=f"GB per GPU for CUDA context, NCCL, slack; assumed, not measured [{OVERHEAD_GB:g}]")
     p.add_argument("--top", type=int, default=12, help="how many fitting layouts to list [12]")
     p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -345,29 +441,37 @@ def main(argv: Optional[list[str]] = None) -> int:
     vocab = ns.vocab or cfg.model.vocab_size or 32000
     counts = count_parameters(cfg, vocab)
     own = estimate(cfg, config_layout(cfg, ns.gpus), vocab, ns.overhead)
+    own_refused = refusal(cfg, own.layout)
     fits = plan(cfg, ns.gpus, ns.gpu_mem, ns.gpus_per_node, vocab, ns.overhead)
     if ns.json:
-        print(json.dumps({"parameters": counts.total, "config_layout": own.as_dict(),
-                          "fits": [e.as_dict() for e in fits[:ns.top]], "num_fits": len(fits)}, indent=1))
+        print(json.dumps({"parameters": counts.total, "config_layout": own.as_dict(), "config_layout_refused": own_refused,
+                          "fits": [e.as_dict() for e in fits[:ns.top]], "num_fits": len(fits),
+                          "sources": SOURCES}, indent=1))
         return 0
     m = cfg.model
     print(f"{ns.config}: {counts.total / 1e9:.3f}B parameters ({m.num_layers} layers x "
           f"{counts.per_layer / 1e6:.1f}M, embedding {counts.embedding / 1e6:.1f}M, head {counts.head / 1e6:.1f}M; "
           f"vocab {vocab}{'' if cfg.model.vocab_size else ' (assumed; --vocab)'}), {cfg.precision}, "
           f"seq {m.seq_length}, global batch {cfg.train.global_batch_size}")
-    print(f"{ns.gpus} GPUs x {ns.gpu_mem:g} GB ({ns.gpus_per_node} per node); overhead {ns.overhead:g} GB/GPU; "
-          f"listing layouts under 90% of memory\n")
+    print(f"{ns.gpus} GPUs x {ns.gpu_mem:g} GB ({ns.gpus_per_node} per node); overhead {ns.overhead:g} GB/GPU "
+          f"(assumed); listing layouts under {HEADROOM:.0%} of memory\n")
     print("the config's own layout:")
     print(HEADER)
-    print(_row(own) + ("   fits" if own.total <= 0.9 * ns.gpu_mem * GB else "   DOES NOT FIT"))
+    print(_row(own) + _verdict(cfg, own, ns.gpu_mem))
+    print(f"  at startup (model built before DeepSpeed partitions it): {own.startup / GB:.2f} GB per GPU; "
+          f"host memory while a checkpoint is saved: {own.save_host / GB:.2f} GB per rank "
+          f"({own.save_host * min(ns.gpus, ns.gpus_per_node) / GB:.1f} GB per node)")
     print(f"\n{len(fits)} layouts fit; the best {min(ns.top, len(fits))} by a rough step-time rule "
-          "(recompute, TP, pipeline bubble, ZeRO-3, micro batch):")
+          "(recompute, TP, pipeline bubble, ZeRO-3, micro batch; assumed, not measured):")
     if fits:
         print(HEADER)
         for e in fits[:ns.top]:
             print(_row(e))
     else:
         print("  none: add GPUs, use bigger ones, or shorten model.seq_length")
+    print("\nwhere the numbers come from:")
+    for what, where in SOURCES.items():
+        print(f"  {what}: {where}")
     return 0
 
 
