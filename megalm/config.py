@@ -40,6 +40,7 @@ class ModelConfig:
     make_vocab_size_divisible_by: int = 128
     position: str = "rope"  # learned | sinusoidal | rope
     rope_base: float = 10000.0
+    rope_scaling: Optional[dict] = None  # Llama-3 long context: {type: llama3, factor, low_freq_factor, high_freq_factor, original_max_position_embeddings}
     norm: str = "rmsnorm"  # layernorm | rmsnorm
     norm_eps: float = 1e-5
     norm_position: str = "pre"  # pre | post (original BERT)
@@ -508,6 +509,32 @@ def _check_blend(prefix: Any) -> None:
         raise ConfigError(f"data.prefix blend weights {weights} sum to 0; at least one must be positive")
 
 
+ROPE_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+def _check_rope_scaling(m: ModelConfig) -> None:
+    """model.rope_scaling: Llama-3's frequency-dependent scaling is the one megalm implements."""
+    rs = m.rope_scaling or {}
+    kind = rs.get("type", rs.get("rope_type"))
+    if m.position != "rope":
+        raise ConfigError(f"model.rope_scaling needs model.position=rope, got {m.position!r}")
+    if kind != "llama3":
+        raise ConfigError(f"model.rope_scaling type {kind!r} is not supported: megalm implements 'llama3' "
+                          "(Llama 3.1+); set model.rope_scaling=null for plain RoPE")
+    missing = [k for k in ROPE_SCALING_KEYS if not isinstance(rs.get(k), (int, float)) or isinstance(rs.get(k), bool)]
+    if missing:
+        raise ConfigError(f"model.rope_scaling (llama3) needs numbers for {', '.join(missing)}; e.g. "
+                          "{type: llama3, factor: 8, low_freq_factor: 1, high_freq_factor: 4, "
+                          "original_max_position_embeddings: 8192}")
+    if not (rs["factor"] >= 1 and 0 < rs["low_freq_factor"] < rs["high_freq_factor"]
+            and rs["original_max_position_embeddings"] >= 1):
+        raise ConfigError("model.rope_scaling (llama3) needs factor >= 1, 0 < low_freq_factor < high_freq_factor "
+                          f"and original_max_position_embeddings >= 1; got {rs}")
+    unknown = sorted(set(rs) - set(ROPE_SCALING_KEYS) - {"type", "rope_type"})
+    if unknown:
+        raise ConfigError(f"model.rope_scaling has unknown keys {unknown}; llama3 takes {', '.join(ROPE_SCALING_KEYS)}")
+
+
 def validate_values(cfg: Config) -> None:
     """Value rules a run would otherwise discover minutes in: ranges, choices, objective vs model, schedule."""
     m, o, t, opt = cfg.model, cfg.objective, cfg.train, cfg.optim
@@ -523,6 +550,8 @@ def validate_values(cfg: Config) -> None:
         fix = "configs/bert_base.yaml" if wants == "bert" else "configs/gpt_125m.yaml"
         raise ConfigError(f"objective.name={o.name} trains a model.arch={wants} model, but model.arch={m.arch}; "
                           f"set --set model.arch={wants} (and its shape, e.g. extends {fix}) or pick another objective")
+    if m.rope_scaling is not None:
+        _check_rope_scaling(m)
     if m.position == "learned" and m.max_positions < m.seq_length:
         raise ConfigError(f"model.max_position_embeddings ({m.max_positions}) is shorter than model.seq_length "
                           f"({m.seq_length}) with learned positions; set --set model.max_position_embeddings="

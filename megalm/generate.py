@@ -112,7 +112,8 @@ def forward_step(model, ids: torch.Tensor, start: int, cache: list) -> torch.Ten
     b, n = ids.shape
     pos = torch.arange(start, start + n, device=ids.device).unsqueeze(0).expand(b, n)
     h = model.embedding(ids, pos)
-    rope = rope_cos_sin(pos, m.hidden_size // m.num_heads, m.rope_base, h.dtype) if m.position == "rope" else None
+    rope = (rope_cos_sin(pos, m.hidden_size // m.num_heads, m.rope_base, h.dtype, m.rope_scaling)
+            if m.position == "rope" else None)
     for i, block in enumerate(model.layers):
         if block.post:
             h = block.attn_norm(h + _attend(block, h, rope, cache, i, start))

@@ -80,6 +80,8 @@ def _plm_to_gemma(weights: dict, cfg: Config, vocab_size: int) -> tuple:
                               f"exactly (it needs {value!r})")
     if m.num_token_types:
         raise ConfigError(f"{cls} has no token-type embeddings (model.num_token_types={m.num_token_types})")
+    if m.rope_scaling:
+        raise ConfigError(f"the PLM encoder export ({cls}) cannot represent model.rope_scaling")
     h, f, d = m.hidden_size, m.ffn_size, m.hidden_size // m.num_heads
     final = _final_norm(weights)
     scale = torch.tensor(h ** 0.5, dtype=torch.float32)
@@ -117,6 +119,8 @@ def _plm_to_esm(weights: dict, cfg: Config, vocab_size: int) -> tuple:
         if getattr(m, key) != value:
             raise ConfigError(f"the PLM encoder export ({PLM_ENCODER}) cannot represent "
                               f"model.{key}={getattr(m, key)!r} exactly (it needs {value!r})")
+    if m.rope_scaling:
+        raise ConfigError(f"the PLM encoder export ({PLM_ENCODER}) cannot represent model.rope_scaling")
     if m.kv_heads != m.num_heads:
         raise ConfigError(f"{PLM_ENCODER} cannot represent grouped-query attention (model.num_kv_heads={m.kv_heads})")
     if m.num_token_types:

@@ -13,7 +13,7 @@ from typing import Any, Mapping
 
 import torch
 
-from megalm.config import Config, ModelConfig
+from megalm.config import ROPE_SCALING_KEYS, Config, ModelConfig
 from megalm.errors import ConfigError
 from megalm.model.tp_layout import gather_state_dicts, shard_state_dict, tp_rule  # noqa: F401  (re-export)
 
@@ -68,12 +68,16 @@ def hf_config(cfg: Config, vocab_size: int, cls: str | None = None) -> dict:
     _check(cfg, cls)
     m = cfg.model
     if cls == LLAMA:
-        return dict(vocab_size=vocab_size, hidden_size=m.hidden_size, intermediate_size=m.ffn_size,
-                    num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads,
-                    num_key_value_heads=m.kv_heads, head_dim=m.hidden_size // m.num_heads, hidden_act="silu",
-                    max_position_embeddings=m.max_positions, rms_norm_eps=m.norm_eps, rope_theta=m.rope_base,
-                    tie_word_embeddings=m.tie_embeddings, attention_bias=m.bias, mlp_bias=m.bias,
-                    attention_dropout=m.attention_dropout)
+        out = dict(vocab_size=vocab_size, hidden_size=m.hidden_size, intermediate_size=m.ffn_size,
+                   num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads,
+                   num_key_value_heads=m.kv_heads, head_dim=m.hidden_size // m.num_heads, hidden_act="silu",
+                   max_position_embeddings=m.max_positions, rms_norm_eps=m.norm_eps, rope_theta=m.rope_base,
+                   tie_word_embeddings=m.tie_embeddings, attention_bias=m.bias, mlp_bias=m.bias,
+                   attention_dropout=m.attention_dropout)
+        if m.rope_scaling:
+            out["rope_parameters"] = {"rope_type": "llama3", "rope_theta": m.rope_base,
+                                      **{k: m.rope_scaling[k] for k in ROPE_SCALING_KEYS}}
+        return out
     if cls == GPT2:
         return dict(vocab_size=vocab_size, n_positions=m.max_positions, n_embd=m.hidden_size, n_layer=m.num_layers,
                     n_head=m.num_heads, n_inner=m.ffn_size, activation_function="gelu",
@@ -86,11 +90,23 @@ def hf_config(cfg: Config, vocab_size: int, cls: str | None = None) -> dict:
                 layer_norm_eps=m.norm_eps, tie_word_embeddings=True)
 
 
+def _rope_scaling_from_hf(rope: Mapping[str, Any]) -> dict | None:
+    """config.json's rope_parameters (transformers 5) / rope_scaling (4.x) -> model.rope_scaling, or
+    ConfigError naming a scaling megalm does not implement (it implements Llama 3's)."""
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind in (None, "default"):
+        return None
+    if kind != "llama3":
+        raise ConfigError(f"config.json has rope scaling {kind!r}; megalm implements only 'llama3' (Llama 3.1+), "
+                          "so the imported model would compute different positions")
+    return {"type": "llama3", **{k: rope.get(k) for k in ROPE_SCALING_KEYS}}
+
+
 def model_config_from_hf(cls: str, hf: Mapping[str, Any]) -> dict:
     """``model.*`` keys (for a megalm Config) that reproduce an HF config dict."""
     if cls == LLAMA:
-        rope = hf.get("rope_parameters") or {}
-        return dict(arch="gpt", num_layers=hf["num_hidden_layers"], hidden_size=hf["hidden_size"],
+        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+        return dict(rope_scaling=_rope_scaling_from_hf(rope), arch="gpt", num_layers=hf["num_hidden_layers"], hidden_size=hf["hidden_size"],
                     num_heads=hf["num_attention_heads"],
                     num_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
                     ffn_hidden_size=hf["intermediate_size"], max_position_embeddings=hf["max_position_embeddings"],

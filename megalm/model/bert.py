@@ -78,7 +78,7 @@ class BertModel(nn.Module):
             position_ids = default_position_ids(input_ids)
         b, s = input_ids.shape
         dtype = self.embedding.word.weight.dtype
-        rope = rope_cos_sin(position_ids, m.hidden_size // m.num_heads, m.rope_base, dtype) \
+        rope = rope_cos_sin(position_ids, m.hidden_size // m.num_heads, m.rope_base, dtype, m.rope_scaling) \
             if m.position == "rope" else None
         ctx = attention_context(b, s, False, input_ids.device, rope, padding_mask=padding_mask,
                                 attention_mask=attention_mask)

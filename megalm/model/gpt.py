@@ -48,7 +48,7 @@ class GPTModel(nn.Module):
                  content_mask=None, query_mask=None, dtype: torch.dtype = torch.float32) -> tuple:
         m = self.cfg.model
         b, s = input_ids.shape
-        rope = rope_cos_sin(position_ids, m.hidden_size // m.num_heads, m.rope_base, dtype) \
+        rope = rope_cos_sin(position_ids, m.hidden_size // m.num_heads, m.rope_base, dtype, m.rope_scaling) \
             if m.position == "rope" else None
         if content_mask is not None or query_mask is not None:  # PLM: the masks say everything
             ctx = make_context(build_mask(b, s, False, input_ids.device, attention_mask=content_mask), False, rope)

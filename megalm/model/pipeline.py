@@ -95,7 +95,8 @@ class BlockPipe(Block):
             seq = h.size(1) * (self.layout.cfg.parallel.tensor if self.sp else 1)
             pos = torch.arange(seq, device=h.device).unsqueeze(0).expand(h.size(0), seq)
         b, s = pos.shape
-        rope = rope_cos_sin(pos, m.hidden_size // m.num_heads, m.rope_base, h.dtype) if m.position == "rope" else None
+        rope = (rope_cos_sin(pos, m.hidden_size // m.num_heads, m.rope_base, h.dtype, m.rope_scaling)
+                if m.position == "rope" else None)
         if self.layout.two_stream:
             ctx = make_context(build_mask(b, s, False, h.device, attention_mask=aux["content_mask"]), False, rope)
             qctx = make_context(build_mask(b, s, False, h.device, attention_mask=aux["query_mask"]), False, rope)

@@ -7,6 +7,7 @@ head), so converted weights need no permutation.
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 
@@ -22,9 +23,24 @@ def sinusoidal_table(positions: int, dim: int) -> torch.Tensor:
     return table
 
 
-def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, base: float, dtype: torch.dtype) -> tuple:
-    """cos, sin of shape [b, 1, s, head_dim] for ``apply_rope`` (fp32 angles, cast to ``dtype``)."""
+def llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
+    """Llama 3.1's long-context RoPE: frequencies whose wavelength exceeds the original context / low_freq_factor
+    are divided by ``factor``, those shorter than context / high_freq_factor kept, and the band between
+    interpolated linearly in (context / wavelength)."""
+    factor, low, high = float(scaling["factor"]), float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+    context = float(scaling["original_max_position_embeddings"])
+    wavelength = 2 * math.pi / inv_freq
+    blend = ((context / wavelength - low) / (high - low)).clamp(0.0, 1.0)  # 0: long waves, 1: short waves
+    return inv_freq / factor * (1 - blend) + inv_freq * blend
+
+
+def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, base: float, dtype: torch.dtype,
+                 scaling: Optional[dict] = None) -> tuple:
+    """cos, sin of shape [b, 1, s, head_dim] for ``apply_rope`` (fp32 angles, cast to ``dtype``);
+    ``scaling`` is model.rope_scaling (Llama-3 style) or None."""
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    if scaling:
+        inv_freq = llama3_inv_freq(inv_freq, scaling)
     freqs = position_ids.float().unsqueeze(-1) * inv_freq.to(position_ids.device)
     emb = torch.cat((freqs, freqs), dim=-1).unsqueeze(1)
     return emb.cos().to(dtype), emb.sin().to(dtype)

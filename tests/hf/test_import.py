@@ -117,3 +117,47 @@ def test_llama_keeps_its_own_tokenizer_json(tmp_path):
     carried = load_tokenizer(tokenizer_path(step_dir, from_dict({})))  # the checkpoint's copy
     assert carried.kind == "huggingface" and carried.encode("In the beginning") == tok.encode("In the beginning")
     assert carried.eod == tok.eod
+
+
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+
+
+def test_llama3_rope_scaling_matches_transformers_and_round_trips(tmp_path):
+    """A Llama-3.1-style rope_parameters imports into model.rope_scaling; the logits at positions past the
+    original context (where the scaling acts) equal transformers', plain RoPE would not; export keeps it."""
+    from megalm.hf.export import export
+
+    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                      tie_word_embeddings=False, rope_parameters=dict(LLAMA3_ROPE))
+    hf = _save(transformers.LlamaForCausalLM(config), tmp_path / "hf")
+    import_hf(str(tmp_path / "hf"), str(tmp_path / "ck"), ["model.seq_length=128"])
+    ours, cfg, _ = megalm_model(str(tmp_path / "ck"))
+    assert cfg.model.rope_scaling == {"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+    ids = torch.randint(0, VOCAB, (2, 128))
+    with torch.no_grad():
+        want = hf(ids).logits
+        assert (ours(ids)[..., :VOCAB] - want).abs().max().item() < 1e-4
+        import dataclasses
+
+        from megalm.model import build_model
+        plain_cfg = cfg.replace(model=dataclasses.replace(cfg.model, rope_scaling=None))
+        plain = build_model(plain_cfg, VOCAB)
+        plain.load_state_dict(ours.state_dict())
+        assert (plain.eval()(ids)[..., :VOCAB] - want).abs().max().item() > 1e-2  # the scaling matters here
+    export(str(tmp_path / "ck"), str(tmp_path / "back"))
+    with open(tmp_path / "back" / "config.json") as f:
+        rope = json.load(f)["rope_parameters"]
+    assert {k: rope[k] for k in LLAMA3_ROPE} == LLAMA3_ROPE
+
+
+@pytest.mark.parametrize("kind", ["yarn", "linear", "dynamic"])
+def test_other_rope_scalings_are_refused_by_name(tmp_path, kind):
+    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                                      num_attention_heads=4, max_position_embeddings=64,
+                                      rope_parameters={"rope_type": kind, "rope_theta": 10000.0, "factor": 2.0})
+    transformers.LlamaForCausalLM(config).save_pretrained(str(tmp_path / "hf"))
+    with pytest.raises(ConfigError, match=f"rope scaling '{kind}'; megalm implements only 'llama3'"):
+        import_hf(str(tmp_path / "hf"), str(tmp_path / "ck"))
