@@ -85,8 +85,9 @@ def check_activation(hf: dict, cls: str, model_dir: str, approximate: bool) -> N
 
 
 def import_hf(model_dir: str, output: str, overrides: Optional[list] = None, step: int = 0,
-              approximate_activation: bool = False) -> str:
-    """Write a megalm checkpoint under ``output`` from ``model_dir``; returns the step directory."""
+              approximate_activation: bool = False, preset: Optional[str] = "default") -> str:
+    """Write a megalm checkpoint under ``output`` from ``model_dir``, and ``output``/continue.yaml to train
+    it on (extending ``preset``: "default" picks the family's, None none); returns the step directory."""
     from megalm.hf import mapping
     from megalm.training.universal import write_checkpoint
 
@@ -118,6 +119,11 @@ def import_hf(model_dir: str, output: str, overrides: Optional[list] = None, ste
     _refuse_existing_run(root)
     os.makedirs(root, exist_ok=True)
     step_dir = write_checkpoint(root, cfg, vocab, weights, tokenizer_path=tok, step=step)
+    from megalm.hf.ready_config import default_preset, write_ready_config
+
+    ready = write_ready_config(root, cfg, list(overrides or []), default_preset(cls) if preset == "default" else preset,
+                               tok, model_dir)
+    log.info("wrote %s: `megalm train --config %s --set data.prefix=...` continues from the import", ready, ready)
     if tok is None:
         log.warning("%s has no tokenizer.json or tokenizer.model: set data.tokenizer when pretraining", model_dir)
     log.info("imported %s (%s) into %s at tensor=%d pipeline=%d", model_dir, cls, step_dir,
@@ -168,11 +174,14 @@ def main(argv: Optional[list] = None) -> int:
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="config overrides, e.g. parallel.tensor=2 parallel.pipeline=2 model.seq_length=1024")
     p.add_argument("--step", type=int, default=0, help="step number to record (default 0)")
+    p.add_argument("--preset", default="default",
+                   help="config the written continue.yaml extends for optimizer/schedule/batch "
+                        "[configs/gpt_1b.yaml for Llama, gpt_125m.yaml for GPT-2, bert_base.yaml for BERT]")
     p.add_argument("--approximate-activation", action="store_true",
                    help="import even if the HF activation (e.g. GPT-2's gelu_new) is not exactly megalm's")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    step_dir = import_hf(args.model, args.output, args.set, args.step, args.approximate_activation)
+    step_dir = import_hf(args.model, args.output, args.set, args.step, args.approximate_activation, args.preset)
     print(f"wrote {step_dir}")
     return 0
 
