@@ -103,6 +103,11 @@ def import_hf(model_dir: str, output: str, overrides: Optional[list] = None, ste
     raw.setdefault("model", {})
     raw["model"].update(mapping.model_config_from_hf(cls, hf))
     raw["model"]["vocab_size"] = hf["vocab_size"]
+    positions = raw["model"].get("max_position_embeddings")
+    if positions and "seq_length" not in raw["model"]:  # never longer than the model's positions
+        from megalm.config import ModelConfig
+
+        raw["model"]["seq_length"] = min(ModelConfig.seq_length, int(positions))
     if cls == mapping.BERT:
         raw.setdefault("objective", {})["name"] = "mlm"
     tok = _model_tokenizer(model_dir, ours=os.path.isfile(info_path))
