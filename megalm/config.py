@@ -177,10 +177,20 @@ class CheckpointConfig:
 
 
 @dataclass(frozen=True)
+class WandbConfig:
+    """Weights & Biases logging (the optional ``wandb`` extra): off unless a project is named."""
+
+    project: Optional[str] = None  # W&B project; None = no W&B
+    name: Optional[str] = None  # run name; None = the run.dir's name
+    mode: str = "auto"  # auto (online with an API key and a reachable server, else offline) | online | offline
+
+
+@dataclass(frozen=True)
 class RunConfig:
     dir: str = "runs/default"
     tensorboard: bool = True
     log_level: str = "info"
+    wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
 @dataclass(frozen=True)
@@ -230,6 +240,7 @@ CHOICES = {
     "optim.schedule": ("constant", "linear", "cosine", "inverse_sqrt", "wsd"),
     "run.log_level": ("debug", "info", "warning", "error"),
     "checkpoint.verify": ("full", "size", "none"),
+    "run.wandb.mode": ("auto", "online", "offline"),
 }
 
 
@@ -545,11 +556,6 @@ def validate_values(cfg: Config) -> None:
     if o.name not in BUILTIN_OBJECTIVES and ":" not in o.name:
         raise ConfigError(f"objective.name must be one of {', '.join(BUILTIN_OBJECTIVES)} or 'package.module:Class'; "
                           f"got {o.name!r}")
-    wants = BUILTIN_OBJECTIVES.get(o.name)
-    if wants and m.arch != wants:
-        fix = "configs/bert_base.yaml" if wants == "bert" else "configs/gpt_125m.yaml"
-        raise ConfigError(f"objective.name={o.name} trains a model.arch={wants} model, but model.arch={m.arch}; "
-                          f"set --set model.arch={wants} (and its shape, e.g. extends {fix}) or pick another objective")
     if m.rope_scaling is not None:
         _check_rope_scaling(m)
     if m.position == "learned" and m.max_positions < m.seq_length:
@@ -595,6 +601,17 @@ def validate_values(cfg: Config) -> None:
             raise ConfigError(f"{key} must be in [0, 1), got {value}")
     if not 0 < opt.wsd_decay_fraction <= 1:
         raise ConfigError(f"optim.wsd_decay_fraction must be in (0, 1], got {opt.wsd_decay_fraction}")
+
+
+def validate_run(cfg: Config) -> None:
+    """Rules for a config that is to be trained (pretrain.py, `megalm check`, `megalm config show`), beyond
+    what building a model needs: the objective must match the architecture it trains."""
+    o, m = cfg.objective, cfg.model
+    wants = BUILTIN_OBJECTIVES.get(o.name)
+    if wants and m.arch != wants:
+        fix = "configs/bert_base.yaml" if wants == "bert" else "configs/gpt_125m.yaml"
+        raise ConfigError(f"objective.name={o.name} trains a model.arch={wants} model, but model.arch={m.arch}; "
+                          f"set --set model.arch={wants} (and its shape, e.g. extends {fix}) or pick another objective")
 
 
 def schedule_warnings(cfg: Config) -> list[str]:
@@ -831,6 +848,7 @@ def resolve(
         raw = fold_ds_config(raw, ds_user, ds_config, apply_overrides({}, overrides or []))
     where = f" (in {path})" if path else ""
     cfg = from_dict(raw, where)
+    validate_run(cfg)
     ws = world_size or cfg.parallel.tensor * cfg.parallel.pipeline
     validate(cfg, ws)
     ds = deepspeed_config(cfg, ws)

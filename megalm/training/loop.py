@@ -161,7 +161,8 @@ def run(cfg: Config, engine: Engine, objective: Objective, train_batches: Iterat
     """
     t = cfg.train
     grad_accum = cfg.grad_accum_steps(world_size)
-    writer = MetricsWriter(cfg.run.dir, enabled=rank == 0, tensorboard=cfg.run.tensorboard)
+    writer = MetricsWriter(cfg.run.dir, enabled=rank == 0, tensorboard=cfg.run.tensorboard, wandb=cfg.run.wandb,
+                           config=cfg.to_dict())
     writer.truncate_after(start_step)
     flops_tok = flops_per_token(cfg)
     peak = peak_tflops(cfg)

@@ -10,7 +10,7 @@ import logging
 import math
 import os
 import time
-from typing import Optional
+from typing import Any, Optional
 
 from megalm.config import Config
 
@@ -51,10 +51,17 @@ def peak_tflops(cfg: Config) -> float:
 class MetricsWriter:
     """Writes one record per logged step; only the rank that owns the console (global rank 0) writes."""
 
-    def __init__(self, run_dir: str, enabled: bool, tensorboard: bool = True):
+    def __init__(self, run_dir: str, enabled: bool, tensorboard: bool = True, wandb: Optional[Any] = None,
+                 config: Optional[dict] = None):
         self.enabled = enabled
         self.path = os.path.join(run_dir, "metrics.jsonl")
         self._tb = None
+        self._wandb = None
+        if enabled and wandb is not None and wandb.project:
+            from megalm.training.wandb_log import WandbLogger
+
+            os.makedirs(run_dir, exist_ok=True)
+            self._wandb = WandbLogger(run_dir, wandb.project, wandb.name, wandb.mode, config or {})
         if enabled:
             os.makedirs(run_dir, exist_ok=True)
             if tensorboard:
@@ -71,12 +78,14 @@ class MetricsWriter:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
         with open(self.path, "a") as f:
             f.write(json.dumps(clean) + "\n")
+        scalars = {(f"train/{k}" if not k.startswith("eval") else f"eval/{k}"): v for k, v in record.items()
+                   if k != "step" and isinstance(v, (int, float)) and v is not None and math.isfinite(v)}
         if self._tb is not None:
-            step = record["step"]
-            for k, v in record.items():
-                if k != "step" and isinstance(v, (int, float)) and v is not None and math.isfinite(v):
-                    self._tb.add_scalar(f"train/{k}" if not k.startswith("eval") else f"eval/{k}", v, step)
+            for tag, v in scalars.items():
+                self._tb.add_scalar(tag, v, record["step"])
             self._tb.flush()
+        if self._wandb is not None:  # the same scalars, the same names
+            self._wandb.log(scalars, record["step"])
 
     def truncate_after(self, step: int) -> None:
         """On resume, drop records past the checkpoint's step so the file reads as one run."""
@@ -106,6 +115,8 @@ class MetricsWriter:
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.close()
 
 
 class Throughput:

@@ -147,7 +147,7 @@ def test_bert_pair_kind(tmp_path, corpus_path, tokenizer):
     out = str(tmp_path / "s")
     preprocess([corpus_path], out, tokenizer.model_path, Options(split_sentences=True), workers=0, progress=False)
     cfg = from_dict({"data": {"prefix": out + "_text_sentence", "split": "90,10,0"},
-                     "model": {"seq_length": 64}, "objective": {"name": "mlm", "binary_head": "nsp"}})
+                     "model": {"arch": "bert", "seq_length": 64}, "objective": {"name": "mlm", "binary_head": "nsp"}})
     ds = build_datasets(cfg, tokenizer, {"train": 50, "valid": 5, "test": 5}, kind="bert_pair")
     assert isinstance(ds["train"], BertPairDataset) and ds["train"].binary_head == "nsp"
     assert ds["test"] is None and len(ds["valid"]) >= 5
