@@ -130,7 +130,9 @@ def model_state_bytes(cfg: Config, layout: Layout, params: int) -> tuple[float, 
     fp32  ZeRO-0 16/16 (4 w + 4 g + 8 Adam)   ZeRO-1/2 20/12 (4 w + (4 g + 4 fp32 copy + 8 Adam)/DP)
           ZeRO-3 20/10 (all of it / DP)
     bf16  ZeRO-0 16/16 (2 w + 2 g + 4 master + 8 Adam)   ZeRO-1/2 16/9 (2 w + (2 g + 12)/DP)
-          ZeRO-3 16/8; with fp32 gradient accumulation (BF16_Optimizer) ZeRO-1 20/14 (+4 fp32 g, whole)
+          ZeRO-3 16/8; with fp32 gradient accumulation (data_types.grad_accum_dtype: fp32): ZeRO-1 20/14
+          (DeepSpeed's BF16_Optimizer: bf16 and fp32 gradients both whole), ZeRO-2 18/10, ZeRO-3 18/9
+          (fp32 gradient partitions)
 
     DeepSpeed's ZeRO-1 reduces gradients into partitions as ZeRO-2 does, so both divide them by DP.
     fp16 is taken to be bf16's rule (not run: DeepSpeed refuses fp16 on CPU).
@@ -144,9 +146,11 @@ def model_state_bytes(cfg: Config, layout: Layout, params: int) -> tuple[float, 
     copy = 4 if (mixed or z >= 1) else 0
     optimizer = params * (8 + copy) / (dp if z >= 1 else 1)
     if fp32_grad_accumulation(cfg, layout):
-        if z <= 1:  # BF16_Optimizer keeps both gradient copies whole
+        if z <= 1:  # BF16_Optimizer keeps the bf16 gradients and an fp32 copy, both whole
             grads = params * e
-        optimizer += params * 4 / (dp if z >= 2 else 1)
+            optimizer += params * 4
+        else:  # ZeRO-2/3 keep their gradient partitions in fp32 instead of bf16
+            grads = params * 4 / dp
     if cfg.zero.offload_optimizer and z >= 1:
         optimizer = 0.0  # master weights and moments live in host memory
     return weights, grads, optimizer

@@ -212,3 +212,19 @@ def test_readme_config_reference_is_generated():
         text = f.read()
     assert replace_reference(text, C.reference_table()) == text, \
         "README's config reference is stale: run `megalm config reference --write README.md`"
+
+
+def test_ds_preset_keys_win_over_the_model_preset():
+    """gpt_1b.yaml says zero.stage 1 and bf16; zero3_bf16.json's stage 3 wins (the YAML is a preset
+    default, not a --set), so every DeepSpeed preset composes with every model preset."""
+    cfg, out = C.resolve(os.path.join(ROOT, "configs", "gpt_1b.yaml"), [],
+                         os.path.join(ROOT, "configs", "ds", "zero3_bf16.json"), 8)
+    assert cfg.zero.stage == 3 and out["zero_optimization"]["stage"] == 3
+    with pytest.raises(ConfigError, match=r"write --set zero.reduce_bucket_size=500000000 \(or drop that --set\)"):
+        C.resolve(os.path.join(ROOT, "configs", "gpt_1b.yaml"), ["zero.reduce_bucket_size=1000"],
+                  os.path.join(ROOT, "configs", "ds", "zero2_bf16.json"), 8)
+    # a --set of a key the JSON leaves alone reaches DeepSpeed (derived values win in the merged JSON)
+    cfg, out = C.resolve(os.path.join(ROOT, "configs", "gpt_1b.yaml"), ["zero.overlap_comm=true"],
+                         os.path.join(ROOT, "configs", "ds", "zero1_bf16.json"), 8)
+    assert cfg.zero.overlap_comm and out["zero_optimization"]["overlap_comm"] is True
+    assert out["zero_optimization"]["reduce_bucket_size"] == 500000000 == cfg.zero.reduce_bucket_size
