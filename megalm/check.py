@@ -53,7 +53,7 @@ def data_prefixes(cfg: C.Config) -> list[tuple[str, str]]:
     return [("data.prefix", prefix) for _, prefix in parse_blend(cfg.data.prefix)]
 
 
-def _open_dataset(key: str, prefix: str) -> str:
+def _open_dataset(key: str, prefix: str, deep: bool = True) -> str:
     from megalm.data.indexed import IndexedDataset, data_file, index_file
 
     for path in (data_file(prefix), index_file(prefix)):
@@ -62,6 +62,8 @@ def _open_dataset(key: str, prefix: str) -> str:
                             "or create it with `megalm preprocess`")
         if not os.access(path, os.R_OK):
             raise DataError(f"{key}: {path} is not readable by this user; fix its permissions")
+    if not deep:
+        return f"{prefix}: .bin and .idx readable"
     ds = IndexedDataset(prefix)  # reads and checks the whole index (sizes, pointers, .bin length)
     if len(ds) == 0:
         raise DataError(f"{key}: {prefix} holds no sequences; re-run `megalm preprocess` on a non-empty input")
@@ -145,9 +147,10 @@ def _memory(cfg: C.Config, world: int, gpu_mem_gb: Optional[float], vocab: Optio
 
 
 def preflight(cfg: C.Config, world_size: int, gpu_mem_gb: Optional[float] = None, files: bool = True,
-              memory_is_error: bool = True) -> Report:
+              memory_is_error: bool = True, open_data: bool = True) -> Report:
     """Run every check on a loaded config; ``files=False`` skips the file-system ones. The memory
-    verdict is an estimate: ``memory_is_error=False`` (the trainer) reports it as a warning."""
+    verdict is an estimate: ``memory_is_error=False`` (the trainer) reports it as a warning.
+    ``open_data=False`` only checks the dataset files are there (the trainer opens them right after)."""
     report = Report()
     report.run("layout", lambda: (C.validate_layout(cfg, world_size) or
                                   f"{world_size} ranks = tensor {cfg.parallel.tensor} x pipeline "
@@ -161,7 +164,7 @@ def preflight(cfg: C.Config, world_size: int, gpu_mem_gb: Optional[float] = None
             report.errors.append(("data", str(e)))
             prefixes = []
         for key, prefix in prefixes:
-            report.run("data", lambda key=key, prefix=prefix: _open_dataset(key, prefix))
+            report.run("data", lambda key=key, prefix=prefix: _open_dataset(key, prefix, open_data))
         report.run("tokenizer", lambda: _tokenizer(cfg, report))
         if prefixes:
             report.run("cache", lambda: _cache_dir(cfg))

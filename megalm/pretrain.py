@@ -188,7 +188,7 @@ def _preflight(cfg, world: int, rank: int, log: logging.Logger) -> None:
     from megalm.check import preflight
 
     gpu_mem = torch.cuda.get_device_properties(0).total_memory / 1024**3 if torch.cuda.is_available() else None
-    report = preflight(cfg, world, gpu_mem, memory_is_error=False)
+    report = preflight(cfg, world, gpu_mem, memory_is_error=False, open_data=False)  # opened next, once
     if rank == 0:
         for rule, message in report.warnings:
             log.warning(f"megalm check: {rule}: {message}")
