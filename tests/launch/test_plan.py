@@ -272,3 +272,20 @@ def test_model_state_is_what_deepspeed_allocates():
             per_size[size] = (params, held, est)
         (p1, h1, e1), (p2, h2, e2) = per_size.values()
         assert (e2 - e1) / (p2 - p1) == pytest.approx((h2 - h1) / (p2 - p1), rel=0.05), (prec, zero)
+
+
+def test_plan_never_fits_a_layout_megalm_refuses(capsys):
+    from megalm.cli import main
+    from megalm.plan import refusal
+
+    gpt_1b = os.path.join(REPO, "configs/gpt_1b.yaml")
+    # 512 does not divide over 48 ranks x micro batch 4: the trainer (and `megalm check`) refuse it
+    assert main(["plan", gpt_1b, "--gpus", "48", "--gpu-mem", "80"]) == 0
+    out = capsys.readouterr().out
+    own = out.split("the config's own layout:")[1].split("\n")[2]
+    assert "REFUSED by megalm check: train.global_batch_size (512)" in own and "fits" not in own
+    assert "where the numbers come from:" in out and "assumed" in out and "measured" in out
+    cfg = C.load(gpt_1b, ["model.seq_length=2050"])  # 2050 is not divisible by TP 4 or 8: no SP layouts there
+    fits = plan(cfg, 64, 80, vocab_size=32000)
+    assert fits and all(refusal(cfg, e.layout) is None for e in fits)
+    assert not any(e.layout.tp in (4, 8) for e in fits)
