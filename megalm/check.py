@@ -155,6 +155,7 @@ def preflight(cfg: C.Config, world_size: int, gpu_mem_gb: Optional[float] = None
     report.run("layout", lambda: (C.validate_layout(cfg, world_size) or
                                   f"{world_size} ranks = tensor {cfg.parallel.tensor} x pipeline "
                                   f"{cfg.parallel.pipeline} x data {cfg.data_parallel_size(world_size)}"))
+    report.run("objective", lambda: _objective(cfg))
     for message in C.schedule_warnings(cfg):
         report.warnings.append(("schedule", message))
     if files:
@@ -177,6 +178,24 @@ def preflight(cfg: C.Config, world_size: int, gpu_mem_gb: Optional[float] = None
         except ConfigError as e:
             (report.errors if memory_is_error else report.warnings).append(("memory", str(e)))
     return report
+
+
+def _objective(cfg: C.Config) -> str:
+    """A user objective (``package.module:Class``) must be importable where the job runs."""
+    import importlib.util
+
+    name = cfg.objective.name
+    if ":" not in name:
+        return name
+    module, _, cls = name.partition(":")
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found or not cls:
+        raise ConfigError(f"objective.name={name!r}: module {module!r} is not importable here (is its package on "
+                          "PYTHONPATH / installed in the job's environment?), or the ':Class' part is missing")
+    return name
 
 
 def _world_size_default(cfg: C.Config) -> int:

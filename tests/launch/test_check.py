@@ -58,6 +58,8 @@ BAD = {  # name: (--set items, what the message must contain: the key and the fi
     "heads_vs_tensor": (["parallel.tensor=3"], ["parallel.tensor"]),
     "zero3_with_pipeline": (["zero.stage=3", "parallel.pipeline=2"], ["zero.stage", "--set zero.stage=1"]),
     "keep_zero": (["checkpoint.keep=0"], ["checkpoint.keep", "at least 1"]),
+    "user_objective_missing": (["objective.name=no_such_pkg.objectives:Mine"],
+                               ["objective.name='no_such_pkg.objectives:Mine'", "PYTHONPATH"]),
 }
 
 
