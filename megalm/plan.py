@@ -108,19 +108,18 @@ SOURCES = {
 }
 
 
-def fp32_grad_accumulation(cfg: Config, layout: Layout) -> bool:
-    """Whether DeepSpeed keeps fp32 gradient buffers beside the bf16 ones: its BF16_Optimizer, which it
-    picks for bf16 with pipeline parallelism (ZeRO 0) or with ``data_types.grad_accum_dtype: fp32``."""
-    if cfg.precision != "bf16":
-        return False
+def deepspeed_view(cfg: Config, layout: Layout) -> tuple[int, bool]:
+    """(the ZeRO stage DeepSpeed really runs, whether it accumulates bf16 gradients in fp32), read from the
+    DeepSpeed JSON megalm derives for ``layout``: bf16 asks for fp32 accumulation, which DeepSpeed honours
+    only with ZeRO >= 1, so megalm runs bf16 ZeRO-0 as stage 1 (megalm.config.bf16_fp32_grads)."""
     try:
         from megalm.config import deepspeed_config
 
-        ds = deepspeed_config(cfg, cfg.parallel.tensor * cfg.parallel.pipeline)
-    except ConfigError:
-        ds = {}
-    accum = (ds.get("data_types") or {}).get("grad_accum_dtype")
-    return accum in ("fp32", "float32") or (layout.pp > 1 and layout.zero == 0)
+        ds = deepspeed_config(with_layout(cfg, layout), layout.tp * layout.pp)
+    except ConfigError:  # a layout the trainer refuses: the plain reading
+        return layout.zero, False
+    accum = (ds.get("data_types") or {}).get("grad_accum_dtype") in ("fp32", "float32")
+    return int(ds["zero_optimization"]["stage"]), accum and cfg.precision == "bf16"
 
 
 def model_state_bytes(cfg: Config, layout: Layout, params: int) -> tuple[float, float, float]:
@@ -131,21 +130,23 @@ def model_state_bytes(cfg: Config, layout: Layout, params: int) -> tuple[float, 
           ZeRO-3 20/10 (all of it / DP)
     bf16  ZeRO-0 16/16 (2 w + 2 g + 4 master + 8 Adam)   ZeRO-1/2 16/9 (2 w + (2 g + 12)/DP)
           ZeRO-3 16/8; with fp32 gradient accumulation (data_types.grad_accum_dtype: fp32): ZeRO-1 20/14
-          (DeepSpeed's BF16_Optimizer: bf16 and fp32 gradients both whole), ZeRO-2 18/10, ZeRO-3 18/9
+          (DeepSpeed's BF16_Optimizer: bf16 and fp32 gradients both whole), ZeRO-2 -/10, ZeRO-3 -/9
           (fp32 gradient partitions)
 
     DeepSpeed's ZeRO-1 reduces gradients into partitions as ZeRO-2 does, so both divide them by DP.
-    fp16 is taken to be bf16's rule (not run: DeepSpeed refuses fp16 on CPU).
+    megalm's derived JSON asks for fp32 accumulation with bf16 and so runs bf16 ZeRO-0 as stage 1
+    (``deepspeed_view``). fp16 is taken to be bf16's rule (not run: DeepSpeed refuses fp16 on CPU).
     """
     mixed = cfg.precision in ("bf16", "fp16")
     e = 2 if mixed else 4
-    dp, z = layout.dp, layout.zero
+    z, fp32_accum = deepspeed_view(cfg, layout)
+    dp = layout.dp
     weights = params * e / (dp if z >= 3 else 1)
     grads = params * e / (dp if z >= 1 else 1)
     # fp32 runs under ZeRO keep their own fp32 copy of the partition; mixed precision its master weights
     copy = 4 if (mixed or z >= 1) else 0
     optimizer = params * (8 + copy) / (dp if z >= 1 else 1)
-    if fp32_grad_accumulation(cfg, layout):
+    if fp32_accum:
         if z <= 1:  # BF16_Optimizer keeps the bf16 gradients and an fp32 copy, both whole
             grads = params * e
             optimizer += params * 4
@@ -292,10 +293,12 @@ def logits_bytes(cfg: Config, layout: Layout, element_bytes: int, vocab_size: Op
 
 def zero_bucket_bytes(cfg: Config, layout: Layout) -> float:
     """The gradient reduce bucket(s) ZeRO-2/3 allocate up front: ``zero.reduce_bucket_size`` elements of
-    the gradient dtype, two with ``overlap_comm`` (one measured on CPU for ZeRO-3, fp32 and bf16)."""
+    the gradient dtype (fp32 when bf16 accumulates in fp32), two with ``overlap_comm`` (one measured on
+    CPU for ZeRO-3, fp32 and bf16)."""
     if layout.zero < 2:
         return 0.0
-    e = 2 if cfg.precision in ("bf16", "fp16") else 4
+    fp32_grads = cfg.precision == "fp32" or deepspeed_view(cfg, layout)[1]  # bf16 accumulating in fp32
+    e = 4 if fp32_grads else 2
     return cfg.zero.reduce_bucket_size * e * (2 if cfg.zero.overlap_comm else 1)
 
 
@@ -306,6 +309,7 @@ def estimate(cfg: Config, layout: Layout, vocab_size: Optional[int] = None, over
     n = params_per_gpu(cfg, layout, vocab_size)
     dp, z = layout.dp, layout.zero
     weights, grads, optimizer = model_state_bytes(cfg, layout, n)
+    z = deepspeed_view(cfg, layout)[0]
     # optimizer.step: torch's AdamW (foreach) builds fp32 temporaries, one per parameter in fp32 runs and two
     # with mixed precision, which also casts its gradient partition to fp32 (measured as part of whole-run
     # peak memory on CPU, tests/launch/test_plan.py). Over the partition under ZeRO >= 1.
