@@ -6,7 +6,6 @@ resumes from its own latest step, never from the import again.
 from __future__ import annotations
 
 import os
-import shutil
 from typing import Optional
 
 import yaml
@@ -14,7 +13,6 @@ import yaml
 from megalm.config import Config, apply_overrides
 
 CONFIG_NAME = "continue.yaml"
-TOKENIZER_NAME = "tokenizer.model"
 # the preset each imported family extends (optimizer, schedule, batch, precision, ZeRO)
 PRESETS = {"LlamaForCausalLM": "gpt_1b.yaml", "GPT2LMHeadModel": "gpt_125m.yaml", "BertForPreTraining": "bert_base.yaml"}
 
@@ -43,11 +41,13 @@ def write_ready_config(output: str, cfg: Config, overrides: list, preset: Option
     if cfg.objective.name != "clm":
         raw["objective"] = {"name": cfg.objective.name}
     data: dict = {}
-    if tokenizer:
-        local = os.path.join(root, TOKENIZER_NAME)
-        if os.path.abspath(tokenizer) != local:
-            shutil.copyfile(tokenizer, local)
-        data["tokenizer"] = local
+    if tokenizer:  # the model's own tokenizer files (SentencePiece, tokenizer.json or GPT-2 BPE), copied here
+        from megalm.data.tokenizer import copy_tokenizer, saved_tokenizer
+
+        tok_dir = os.path.join(root, "tokenizer")
+        os.makedirs(tok_dir, exist_ok=True)
+        copy_tokenizer(tokenizer, tok_dir)
+        data["tokenizer"] = saved_tokenizer(tok_dir)
     raw["data"] = data
     run_dir = os.path.dirname(root) if os.path.basename(root) == "checkpoints" else root
     raw["checkpoint"] = {"dir": root, "resume": "auto"}

@@ -54,7 +54,8 @@ def test_import_train_requeue_resumes_its_own_step(tiny_data, tmp_path):  # noqa
     assert (written["model"]["hidden_size"], written["model"]["num_kv_heads"], written["model"]["seq_length"]) == \
         (64, 2, 64)  # the imported shape; gpt_1b's 2048 capped at the model's 64 positions
     assert written["parallel"] == {"tensor": 2} and written["checkpoint"] == {"dir": str(out), "resume": "auto"}
-    assert written["data"]["tokenizer"] == str(out / "tokenizer.model") and os.path.isfile(out / "tokenizer.model")
+    assert written["data"]["tokenizer"] == str(out / "tokenizer" / "tokenizer.model")
+    assert os.path.isfile(out / "tokenizer" / "tokenizer.model")
 
     with open(tmp_path / "train.log", "w") as log:
         first = _train(str(ready), prefix, log)
