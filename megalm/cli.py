@@ -62,10 +62,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     ns = parser.parse_args(argv)
     module = importlib.import_module(commands[ns.command][0])
     try:
-        return int(module.main(ns.args) or 0)
+        code = int(module.main(ns.args) or 0)
     except MegalmError as e:
         print(f"megalm {ns.command}: error: {e}", file=sys.stderr)
         return 2
+    if ns.command == "train":
+        module.exit_without_teardown(code)  # a finished job exits with its own code (see there)
+    return code
 
 
 if __name__ == "__main__":
