@@ -270,6 +270,7 @@ def write_checkpoint(root: str, cfg: Config, vocab_size: int, weights: dict[str,
     import shutil
 
     import megalm
+    from megalm.model.tp_layout import tp_rule
     from megalm.training.manifest import publish, step_name
     from megalm.training.shard_writer import ShardWriter
 
@@ -279,7 +280,14 @@ def write_checkpoint(root: str, cfg: Config, vocab_size: int, weights: dict[str,
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(os.path.join(tmp, WEIGHTS_DIR))
     rel = os.path.join(WEIGHTS_DIR, "tp00-pp00.safetensors")
-    parts = {n: {"dim": None, "partitions": None} for n in weights}
+    # The file holds each tensor whole (one piece, tensor rank 0), but its partition must still be the one the
+    # model splits it by: the loader cuts each TP rank's slice from that, and "dim": None would mean replicated
+    # (every rank loads the whole tensor). Name rules, as in the HF mapping; names they do not know are replicated.
+    parts = {}
+    for n in weights:
+        rule = tp_rule(n, cfg, vocab_size)
+        parts[n] = {"dim": int(rule[0]), "partitions": [int(x) for x in rule[1]]} if rule else \
+            {"dim": None, "partitions": None}
     meta = {"tensor_size": 1, "tensor_rank": 0, "pipeline_size": 1, "pipeline_rank": 0, "params": parts}
     w = ShardWriter(os.path.join(tmp, rel), [(n, torch.float32, tuple(t.shape)) for n, t in weights.items()],
                     {"megalm": json.dumps(meta)})

@@ -196,3 +196,26 @@ def test_export_reads_only_verified_weights(tmp_path):
     open(victim, "wb").write(bytes(data))
     with pytest.raises(CheckpointError, match="SHA-256"):
         read_full_weights(str(tmp_path))
+
+
+def test_written_checkpoint_records_the_tp_split(tmp_path):
+    """write_checkpoint (HF imports) stores tensors whole, but with the partition the model splits them by:
+    at TP=2 each rank reads its half of the vocabulary, not the whole table (a "dim": None would say
+    replicated). Names outside the model's rules stay replicated."""
+    import torch
+
+    from megalm import config as C
+    from megalm.model import padded_vocab_size
+    from megalm.training.universal import ShardReader, read_state, tensor_index, write_checkpoint
+
+    cfg = C.load(None, ["model.hidden_size=8", "model.num_heads=2", "parallel.tensor=2"])
+    rows = padded_vocab_size(100, cfg)
+    word = torch.arange(rows * 8, dtype=torch.float32).reshape(rows, 8)
+    step_dir = write_checkpoint(str(tmp_path), cfg, 100, {"embedding.word.weight": word, "b": torch.zeros(4)})
+    entries = tensor_index(step_dir, read_state(step_dir))["weights"]
+    assert entries["embedding.word.weight"]["partition"] == {"dim": 0, "partitions": [rows]}
+    assert entries["b"]["partition"] == {"dim": None, "partitions": None}
+    reader = ShardReader(step_dir, entries)
+    assert torch.equal(reader.for_rank("embedding.word.weight", 1, 2), word[rows // 2:])
+    assert torch.equal(reader.full("embedding.word.weight"), word)
+    assert torch.equal(reader.for_rank("b", 1, 2), torch.zeros(4))
