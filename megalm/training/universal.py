@@ -52,12 +52,6 @@ def read_state(step_dir: str) -> dict:
     return read_json(os.path.join(step_dir, STATE_FILE), CheckpointError, "not a megalm checkpoint")
 
 
-def read_state(step_dir: str) -> dict:
-    from megalm.jsonfile import read_json
-
-    return read_json(os.path.join(step_dir, STATE_FILE), CheckpointError, "not a megalm checkpoint")
-
-
 def _index_from_headers(step_dir: str) -> dict[str, dict]:
     """The tensor index of a checkpoint written without one (HF imports, older saves): from file headers."""
     from safetensors import safe_open
