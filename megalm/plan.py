@@ -100,7 +100,8 @@ SOURCES = {
     "weights, grads, optimizer": "measured: DeepSpeed 0.19.8 allocations on CPU (gloo), fitted per ZeRO stage and "
                                  "precision at two model sizes and DP 1 and 2 (tests/launch/test_plan.py)",
     "activations": "counted: the tensors autograd saves in megalm's blocks, on CPU (tests/launch/test_plan.py)",
-    "step temporaries": "measured on CPU as part of whole-run peak memory (torch AdamW, foreach)",
+    "step temporaries": "measured on CPU as part of whole-run peak memory (torch AdamW; the fp32 cast of bf16 "
+                        "gradients, none under BF16_Optimizer's fp32 gradients)",
     "buffers": "assumed: logits + fp32 copy + gradient; ZeRO buckets and ZeRO-3 prefetch from the config",
     "overhead": "assumed: --overhead GB (CUDA context, NCCL, allocator slack); not yet measured on a GPU",
     "startup, save (host)": "assumed: the model built in fp32 before DeepSpeed casts/partitions it; a checkpoint "
@@ -309,11 +310,15 @@ def estimate(cfg: Config, layout: Layout, vocab_size: Optional[int] = None, over
     n = params_per_gpu(cfg, layout, vocab_size)
     dp, z = layout.dp, layout.zero
     weights, grads, optimizer = model_state_bytes(cfg, layout, n)
-    z = deepspeed_view(cfg, layout)[0]
-    # optimizer.step: torch's AdamW (foreach) builds fp32 temporaries, one per parameter in fp32 runs and two
-    # with mixed precision, which also casts its gradient partition to fp32 (measured as part of whole-run
-    # peak memory on CPU, tests/launch/test_plan.py). Over the partition under ZeRO >= 1.
-    step = n * (4 + 8 if mixed else 4) / (dp if z >= 1 else 1)
+    z, fp32_accum = deepspeed_view(cfg, layout)
+    # optimizer.step: torch's AdamW over fp32 master weights, 4 bytes per parameter of temporaries in fp32
+    # runs; with bf16 gradients 12 (DeepSpeed casts the gradient partition to fp32 first, and AdamW's own)
+    # (measured as part of whole-run peak memory on CPU, tests/launch/test_plan.py). DeepSpeed's
+    # BF16_Optimizer (megalm's bf16 ZeRO-0/1, fp32 accumulation) hands AdamW its fp32 gradient buffer
+    # itself -- already counted in the model state, no cast (live tensors at AdamW.step: the model state
+    # and nothing more) -- so its step is the fp32 one: 4. Over the partition under ZeRO >= 1.
+    bf16_optimizer = fp32_accum and z <= 1
+    step = n * (4 + 8 if mixed and not bf16_optimizer else 4) / (dp if z >= 1 else 1)
     if cfg.zero.offload_optimizer and z >= 1:
         step = 0.0
     grad_accum = max(1, cfg.train.global_batch_size // (layout.micro_batch * dp))
