@@ -48,9 +48,18 @@ class Report:
 def data_prefixes(cfg: C.Config) -> list[tuple[str, str]]:
     """Every dataset prefix the run will open, as ``(config key, prefix)``: the one place that resolves
     ``data.*`` into files, so a new data key is one more line here."""
-    from megalm.data.build import parse_blend
+    from megalm.data.build import split_sources
 
-    return [("data.prefix", prefix) for _, prefix in parse_blend(cfg.data.prefix)]
+    seen, out = set(), []
+    for source in split_sources(cfg).values():  # data.prefix (cut by data.split) or data.train/valid/test
+        if source is None:
+            continue
+        key, pairs, _ = source
+        for _, prefix in pairs:
+            if (key, prefix) not in seen:
+                seen.add((key, prefix))
+                out.append((key, prefix))
+    return out
 
 
 def _open_dataset(key: str, prefix: str, deep: bool = True) -> str:

@@ -229,6 +229,9 @@ def exit_without_teardown(code: int) -> None:
     import atexit
 
     atexit._run_exitfuncs()
+    mpi = sys.modules.get("mpi4py.MPI")  # under mpirun: mpirun counts a rank that skips MPI_Finalize as failed
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        mpi.Finalize()
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         try:

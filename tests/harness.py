@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import glob
 import os
+import pickle
 import socket
 import traceback
 from typing import Any, Callable
@@ -42,7 +43,9 @@ def _entry(fn: Callable, rank: int, world_size: int, port: int, queue: Any, args
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
         result = fn(rank, world_size, *args)
-        queue.put((rank, True, result))
+        # Plain pickle, by value: torch's queue would share tensors through a file descriptor this rank
+        # serves until it exits, and the parent sometimes read after the exit (FileNotFoundError).
+        queue.put((rank, True, pickle.dumps(result)))
         dist.barrier()
     except BaseException:  # noqa: BLE001 - report everything to the parent
         queue.put((rank, False, traceback.format_exc()))
@@ -69,7 +72,7 @@ def run_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 300) -
         for _ in range(world_size):
             rank, ok, value = queue.get(timeout=timeout)
             if ok:
-                results[rank] = value
+                results[rank] = pickle.loads(value)
             else:
                 failures.append(f"rank {rank} failed:\n{value}")
                 break

@@ -100,6 +100,16 @@ def test_every_blend_member_is_opened(tiny_data, tmp_path, capsys):
     assert code == 2 and f"{tmp_path}/gone_text_document.bin not found" in out, out
 
 
+def test_separate_train_valid_test_data_are_checked(tiny_data, tmp_path, capsys):
+    prefix = tiny_data["prefix"]
+    code, out, _ = _check(capsys, "data.prefix=null", f"data.train={prefix}", f"data.valid={prefix}", f"data.test={prefix}",
+                          f"data.tokenizer={tiny_data['tokenizer']}")
+    assert code == 0, out
+    code, out, _ = _check(capsys, "data.prefix=null", f"data.train={prefix}", f"data.valid={tmp_path}/gone_text_document",
+                          f"data.tokenizer={tiny_data['tokenizer']}")
+    assert code == 2 and "data.valid" in out and f"{tmp_path}/gone_text_document.bin not found" in out, out
+
+
 def test_corrupt_index_is_named(tiny_data, tmp_path, capsys):
     prefix = str(tmp_path / "bad_text_document")
     shutil.copy(tiny_data["prefix"] + ".bin", prefix + ".bin")
