@@ -105,11 +105,9 @@ def table() -> str:
 
 
 def replace_table(text: str) -> str:
-    if START not in text or END not in text:
-        raise ValueError(f"markers {START} / {END} not found")
-    head, rest = text.split(START, 1)
-    _, tail = rest.split(END, 1)
-    return f"{head}{START}\n{table()}\n{END}{tail}"
+    from megalm.markers import replace_between
+
+    return replace_between(text, START, END, table())
 
 
 def main(argv: Optional[list[str]] = None) -> int:
