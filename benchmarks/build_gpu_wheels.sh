@@ -25,7 +25,7 @@ for p in "${pure[@]}"; do specs+=("$p==$(pin "$p")"); done
 
 # compiled dependencies: one wheel per CPython version and platform (psutil is abi3: one serves all)
 compiled=("pydantic_core==$(pin pydantic_core)" "msgpack==$(pin msgpack)" "psutil==$(pin psutil)"
-          "ninja==$(pin ninja)")
+          "ninja==$(pin ninja)" "xxhash==$(pin xxhash)")
 for arch in x86_64 aarch64; do
   for v in 3.10 3.11 3.12 3.13; do
     "$PY" -m pip download --quiet --no-deps --only-binary=:all: -d "$OUT" --python-version "$v" \

@@ -161,7 +161,7 @@ def main(argv=None) -> int:
 
     from safetensors.torch import load_file, save_file
 
-    from megalm.training.manifest import sha256_file
+    from megalm.training import checksum
 
     floor_dir = os.path.join(root, "floor")
     os.makedirs(floor_dir, exist_ok=True)
@@ -177,7 +177,7 @@ def main(argv=None) -> int:
             tensors[k].copy_(v)
 
     def floor_hash():
-        sha256_file(floor_file)
+        checksum.of_file(floor_file)
 
     def floor_copy():
         {k: v.detach().to("cpu", copy=True) for k, v in tensors.items()}

@@ -28,9 +28,9 @@ rm -rf "$OUT"
 mkdir -p "$OUT"
 
 # ---- 0. packages: only what the image lacks, only from the carried wheels
-if ! "$PY" -c "import deepspeed" >/dev/null 2>&1; then
+if ! "$PY" -c "import deepspeed, xxhash" >/dev/null 2>&1; then
   if [ ! -d "$WHEELS" ]; then
-    echo "DeepSpeed is not installed and $WHEELS is missing: run benchmarks/build_gpu_wheels.sh where there is network"
+    echo "DeepSpeed or xxhash is not installed and $WHEELS is missing: run benchmarks/build_gpu_wheels.sh where there is network"
     exit 2
   fi
   log "installing DeepSpeed from $WHEELS into $OUT/venv (over the image's packages, no network)"

@@ -1,14 +1,13 @@
 """Checkpoint directories on disk: names, the verified MANIFEST.json, the atomic publish and ``latest``.
 
 A step is written into ``<root>/.tmp-step_N``; each rank hashes the files it wrote
-while writing them and reports (size, SHA-256); rank 0 writes MANIFEST.json from
+while writing them and reports (size, checksum); rank 0 writes MANIFEST.json from
 those reports, renames the directory to ``<root>/step_N`` and only then replaces
 ``<root>/latest``. Readers check the files they read against the manifest.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -18,6 +17,7 @@ from typing import Callable, Iterable, Optional
 
 import megalm
 from megalm.errors import CheckpointError
+from megalm.training import checksum
 from megalm.training.shard_writer import write_hashed
 
 logger = logging.getLogger(__name__)
@@ -41,12 +41,15 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(16 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+def _matches(full: str, meta: dict) -> bool:
+    """Whether the file hashes to the checksum its manifest entry names."""
+    algorithm = checksum.algorithm_of(meta)
+    return checksum.of_file(full, algorithm) == meta[algorithm]
+
+
+def _mismatch(full: str, meta: dict) -> str:
+    name = checksum.display(checksum.algorithm_of(meta))
+    return f"{full} does not match its checksum ({name}) in {MANIFEST} (modified or corrupt)"
 
 
 def list_steps(root: str) -> list[int]:
@@ -94,8 +97,9 @@ def read_manifest(path: str) -> dict[str, dict]:
         if os.path.isabs(rel) or ".." in parts or not rel:
             raise CheckpointError(f"{manifest_path} lists {rel!r}, a path outside the checkpoint directory: "
                                   f"refusing it (a checkpoint only names files inside itself)")
-        if not isinstance(meta, dict) or "size" not in meta or "sha256" not in meta:
-            raise CheckpointError(f"{manifest_path}: entry {rel!r} lacks size or sha256")
+        if not isinstance(meta, dict) or "size" not in meta or not checksum.algorithm_of(meta):
+            raise CheckpointError(f"{manifest_path}: entry {rel!r} lacks its size or a checksum (one of "
+                                  f"{', '.join(checksum.KNOWN)})")
     if not files and _all_files(path):
         raise CheckpointError(f"{manifest_path} lists no files but {path} holds some: refusing an unverifiable "
                               f"checkpoint")
@@ -106,7 +110,7 @@ def verify(path: str, checksums: bool = True, only: Optional[Iterable[str]] = No
     """Raise CheckpointError naming every missing, truncated or altered file of a checkpoint.
 
     ``only`` limits the check to those relative paths (the files a rank reads); ``mode`` is
-    ``checkpoint.verify`` (full: size + SHA-256, size: size only, none: the manifest's shape only).
+    ``checkpoint.verify`` (full: size + checksum, size: size only, none: the manifest's shape only).
     """
     mode = mode or ("full" if checksums else "size")
     files = read_manifest(path)
@@ -122,47 +126,47 @@ def verify(path: str, checksums: bool = True, only: Optional[Iterable[str]] = No
             problems.append(f"missing {full}")
         elif os.path.getsize(full) != meta["size"]:
             problems.append(f"{full} has {os.path.getsize(full)} bytes, expected {meta['size']} (truncated?)")
-        elif mode == "full" and sha256_file(full) != meta["sha256"]:
-            problems.append(f"{full} does not match its SHA-256 in {MANIFEST} (modified or corrupt)")
+        elif mode == "full" and not _matches(full, meta):
+            problems.append(_mismatch(full, meta))
     if problems:
         raise CheckpointError(f"checkpoint {path} failed verification:\n  " + "\n  ".join(problems))
 
 
 def check_hashes_in_background(path: str, only: Iterable[str]) -> Callable[[], None]:
-    """Hash ``only`` on a helper thread (hashlib releases the GIL) while the caller reads them; the returned
-    function waits and raises CheckpointError naming any file whose SHA-256 differs from the manifest.
+    """Hash ``only`` on a helper thread (the hashers release the GIL) while the caller reads them; the returned
+    function waits and raises CheckpointError naming any file whose checksum differs from the manifest.
     Check sizes first (``verify(mode="size")``), so nothing truncated is ever parsed."""
     from concurrent.futures import ThreadPoolExecutor
 
     rels = sorted(set(only))
     files = read_manifest(path)
     pool = ThreadPoolExecutor(max_workers=1)
-    futures = {rel: pool.submit(sha256_file, os.path.join(path, rel)) for rel in rels}
+    futures = {rel: pool.submit(_matches, os.path.join(path, rel), files[rel]) for rel in rels}
 
     def wait() -> None:
-        bad = [rel for rel, fut in futures.items() if fut.result() != files[rel]["sha256"]]
+        bad = [rel for rel, fut in futures.items() if not fut.result()]
         pool.shutdown()
         if bad:
             raise CheckpointError(f"checkpoint {path} failed verification:\n  " + "\n  ".join(
-                f"{os.path.join(path, rel)} does not match its SHA-256 in {MANIFEST} (modified or corrupt)"
-                for rel in bad))
+                _mismatch(os.path.join(path, rel), files[rel]) for rel in bad))
 
     return wait
 
 
 def write_manifest(path: str, reports: dict[str, dict]) -> None:
-    """MANIFEST.json from the writers' (size, sha256) reports; files nobody reported are hashed here."""
+    """MANIFEST.json from the writers' (size, checksum) reports; files nobody reported are hashed here."""
     entries = dict(reports)
     for rel in _all_files(path):
         if rel not in entries:
             full = os.path.join(path, rel)
             with open(full, "rb") as f:
                 os.fsync(f.fileno())
-            entries[rel] = {"size": os.path.getsize(full), "sha256": sha256_file(full)}
+            entries[rel] = checksum.entry(os.path.getsize(full), checksum.of_file(full))
     missing = [r for r in entries if not os.path.exists(os.path.join(path, r))]
     if missing:
         raise CheckpointError(f"{path}: reported files were not found: {missing[:5]} (a megalm bug)")
-    entries = {r: {"size": int(m["size"]), "sha256": m["sha256"]} for r, m in sorted(entries.items())}
+    entries = {r: checksum.entry(m["size"], m[checksum.algorithm_of(m)], checksum.algorithm_of(m))
+               for r, m in sorted(entries.items())}
     tmp = os.path.join(path, MANIFEST + ".tmp")
     write_hashed(tmp, json.dumps({"megalm_version": megalm.__version__, "files": entries}, indent=1).encode())
     os.replace(tmp, os.path.join(path, MANIFEST))
@@ -185,8 +189,8 @@ def publish(root: str, tmp: str, name: str, state: dict, tokenizer_path: Optiona
     final = os.path.join(root, name)
     reports = dict(reports or {})
     os.makedirs(os.path.join(tmp, "megalm"), exist_ok=True)
-    size, sha = write_hashed(os.path.join(tmp, STATE_FILE), json.dumps(state, indent=1).encode())
-    reports[STATE_FILE] = {"size": size, "sha256": sha}
+    size, digest = write_hashed(os.path.join(tmp, STATE_FILE), json.dumps(state, indent=1).encode())
+    reports[STATE_FILE] = checksum.entry(size, digest)
     if tokenizer_path and os.path.exists(tokenizer_path):
         from megalm.data.tokenizer import copy_tokenizer
 

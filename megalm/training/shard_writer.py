@@ -9,7 +9,6 @@ ordinary safetensors: ``safetensors.safe_open`` reads them.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import struct
@@ -17,6 +16,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
 import torch
+
+from megalm.training import checksum
 
 _DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
            torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
@@ -53,9 +54,9 @@ def _nbytes(dtype: torch.dtype, shape: tuple) -> int:
 
 
 class ShardWriter:
-    """Write ``entries`` (name, dtype, shape) in order; ``close`` returns (size, sha256) of the file.
+    """Write ``entries`` (name, dtype, shape) in order; ``close`` returns (size, checksum) of the file.
 
-    Hashing runs on a helper thread (hashlib releases the GIL), overlapping the writes; each large chunk's
+    Hashing (``checksum.ALGORITHM``) runs on a helper thread (the hashers release the GIL), overlapping the writes; each large chunk's
     writeback to disk starts as soon as it is written.
     """
 
@@ -73,7 +74,7 @@ class ShardWriter:
             offset += n
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-(len(raw) + 8) % 8)  # data starts 8-byte aligned, as safetensors writes it
-        self._sha = hashlib.sha256()
+        self._sha = checksum.new()
         self._hasher = ThreadPoolExecutor(max_workers=1)  # one worker: updates stay in order
         self._pending = []
         self._f = open(path, "wb")
@@ -118,9 +119,9 @@ class ShardWriter:
 
 
 def write_hashed(path: str, data: bytes) -> tuple[int, str]:
-    """A small file (JSON, a tokenizer copy) written, fsynced and hashed from memory."""
+    """A small file (JSON, a tokenizer copy) written, fsynced and hashed (``checksum.ALGORITHM``) from memory."""
     with open(path, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-    return len(data), hashlib.sha256(data).hexdigest()
+    return len(data), checksum.of_bytes(data)

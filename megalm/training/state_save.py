@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from megalm.config import Config
-from megalm.training import ds_state
+from megalm.training import checksum, ds_state
 from megalm.training.param_names import model_param_names
 from megalm.training.shard_writer import ShardWriter
 
@@ -105,7 +105,7 @@ def collect(engine: Any, cfg: Config, tmp: str, rank: int, copy: bool) -> Callab
     the returned function only hands back the reports; with ``copy=True`` this rank's tensors are copied to
     host memory and the returned function writes them (call it from a background thread).
 
-    A report maps each relative path written to {size, sha256} and, for shard files, what it holds.
+    A report maps each relative path written to {size, <checksum algorithm>: digest} and, for shard files, what it holds.
     """
     from megalm.parallel import state
 
@@ -170,14 +170,14 @@ def collect(engine: Any, cfg: Config, tmp: str, rank: int, copy: bool) -> Callab
         for rel, w in writers.items():
             size, sha = w.close()
             entries, kind = files[rel]
-            reports[rel] = {"size": size, "sha256": sha, "kind": kind, "tensor_rank": tp_rank,
+            reports[rel] = {**checksum.entry(size, sha), "kind": kind, "tensor_rank": tp_rank,
                             "keys": {k: meta["params"][k.split("/", 1)[0]] for k, _, _ in entries}}
         os.makedirs(os.path.join(tmp, RNG_DIR), exist_ok=True)
         rw = ShardWriter(os.path.join(tmp, rng_rel), rng_entries, {"plain": json.dumps(rng_plain)})
         for k, _, _ in rng_entries:
             rw.write(k, snapshot.pop(k))
         size, sha = rw.close()
-        reports[rng_rel] = {"size": size, "sha256": sha}
+        reports[rng_rel] = checksum.entry(size, sha)
         return reports
 
     return finish
@@ -196,6 +196,6 @@ def tensor_index(reports: dict[str, dict]) -> dict[str, dict]:
 
 
 def strip_reports(reports: dict[str, dict]) -> dict[str, dict]:
-    """The manifest's part of a report: size and sha256."""
-    return {rel: {"size": r["size"], "sha256": r["sha256"]} for rel, r in reports.items()}
+    """The manifest's part of a report: size and checksum."""
+    return {rel: checksum.entry(r["size"], r[checksum.ALGORITHM]) for rel, r in reports.items()}
 

@@ -21,6 +21,7 @@ import torch
 
 from megalm.config import Config, from_dict
 from megalm.errors import CheckpointError
+from megalm.training import checksum
 from megalm.training.manifest import STATE_FILE, check_hashes_in_background, verify
 from megalm.training.param_names import model_param_names
 from megalm.training.state_save import OPTIM_DIR, WEIGHTS_DIR, rng_file
@@ -292,4 +293,4 @@ def write_checkpoint(root: str, cfg: Config, vocab_size: int, weights: dict[str,
     state = {"step": step, "consumed_samples": 0, "world_size": 1, "tensor": 1, "pipeline": 1,
              "zero_stage": 0, "megalm_version": megalm.__version__, "config": cfg.to_dict(), "universal_only": True,
              "tensor_index": index}
-    return publish(root, tmp, name, state, tokenizer_path, reports={rel: {"size": size, "sha256": sha}})
+    return publish(root, tmp, name, state, tokenizer_path, reports={rel: checksum.entry(size, sha)})

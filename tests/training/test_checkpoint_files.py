@@ -109,8 +109,27 @@ def test_empty_manifest_over_files_is_refused(tmp_path):
     manifest.verify(str(tmp_path))
     (tmp_path / "megalm" / "w.bin").write_bytes(b"abd")
     manifest.verify(str(tmp_path), mode="size")  # size only: not hashed
-    with pytest.raises(CheckpointError, match="SHA-256"):
+    with pytest.raises(CheckpointError, match=r"checksum \(SHA-256\)"):
         manifest.verify(str(tmp_path), only=["megalm/w.bin"])
+
+
+def test_new_manifests_use_xxh3_and_catch_a_changed_byte(tmp_path):
+    """What a save writes (XXH3-128 entries) is verified as strictly as the old SHA-256 entries above."""
+    import xxhash
+
+    (tmp_path / "megalm").mkdir()
+    (tmp_path / "megalm" / "w.bin").write_bytes(b"abc" * 1000)
+    manifest.write_manifest(str(tmp_path), {})
+    entry = json.loads((tmp_path / manifest.MANIFEST).read_text())["files"]["megalm/w.bin"]
+    assert entry == {"size": 3000, "xxh3_128": xxhash.xxh3_128(b"abc" * 1000).hexdigest()}
+    manifest.verify(str(tmp_path))
+    (tmp_path / "megalm" / "w.bin").write_bytes(b"abc" * 999 + b"abd")
+    manifest.verify(str(tmp_path), mode="size")
+    with pytest.raises(CheckpointError, match=r"checksum \(XXH3-128\)"):
+        manifest.verify(str(tmp_path))
+    wait = manifest.check_hashes_in_background(str(tmp_path), ["megalm/w.bin"])
+    with pytest.raises(CheckpointError, match="w.bin does not match"):
+        wait()
 
 
 def test_run_lock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path, caplog, monkeypatch):
@@ -170,8 +189,10 @@ def test_streamed_shard_is_plain_safetensors_and_hashed_while_written(tmp_path):
     w = ShardWriter(path, [(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()], {"megalm": "{}"})
     for k, v in tensors.items():
         w.write(k, v)
-    size, sha = w.close()
-    assert size == os.path.getsize(path) and sha == _sha(path)
+    size, digest = w.close()
+    from megalm.training import checksum
+
+    assert size == os.path.getsize(path) and digest == checksum.of_file(path)
     with safe_open(path, framework="pt") as f:
         assert f.metadata() == {"megalm": "{}"}
         assert all(torch.equal(f.get_tensor(k), v) for k, v in tensors.items())
@@ -194,7 +215,7 @@ def test_export_reads_only_verified_weights(tmp_path):
     data = bytearray(open(victim, "rb").read())
     data[-3] ^= 0xFF
     open(victim, "wb").write(bytes(data))
-    with pytest.raises(CheckpointError, match="SHA-256"):
+    with pytest.raises(CheckpointError, match="does not match its checksum"):
         read_full_weights(str(tmp_path))
 
 
