@@ -8,7 +8,7 @@ as a step would, then alternates, ``--rounds`` times:
 - megalm's save (every rank streams its share, hashing and fsyncing) vs the floor: bare
   ``safetensors.torch.save_file`` of the same tensors per rank, plus an fsync;
 - megalm's load with ``checkpoint.verify=size`` vs the floor: ``load_file`` of the same
-  tensors per rank, copied into place; ``verify=full`` vs that floor plus a bare SHA-256 of
+  tensors per rank, copied into place; ``verify=full`` vs that floor plus a bare checksum of
   the same bytes (what checking a checksum costs at least);
 - an async save's stall of the step loop vs the bare copy of the same tensors to host memory.
 It also reports bytes on disk / bytes of the state, and the peak RSS above the pre-save level.
