@@ -3,6 +3,10 @@
 Every stage of the data path reads its settings from one frozen ``Config``;
 this module also derives the DeepSpeed JSON from it and checks a user's
 ``--ds-config`` against it.
+
+A choice is a ``Literal[...]`` type (the loader checks it, the reference lists it), and a key's
+meaning is its field's ``metadata["help"]`` (written by ``_doc``): ``megalm config reference``
+generates the README table from the types and metadata alone.
 """
 
 from __future__ import annotations
@@ -15,42 +19,64 @@ import os
 import re
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 import yaml
 
 from megalm.errors import ConfigError
 
-PRECISIONS = ("fp32", "bf16", "fp16")
+# The choice types: a new choice is one more name in one of these (the loader and the reference follow).
+Arch = Literal["gpt", "bert"]
+Position = Literal["learned", "sinusoidal", "rope"]
+Norm = Literal["layernorm", "rmsnorm"]
+NormPosition = Literal["pre", "post"]
+Activation = Literal["gelu", "swiglu"]
+BinaryHead = Literal["sop", "nsp", "none"]
+PipelinePartition = Literal["uniform", "parameters"]
+ZeroStage = Literal[0, 1, 2, 3]
+Precision = Literal["fp32", "bf16", "fp16"]
+Recompute = Literal["none", "full", "selective"]
+CompileMode = Literal["auto", "none", "fused", "blocks"]
+OptimizerName = Literal["adamw"]
+Schedule = Literal["constant", "linear", "cosine", "inverse_sqrt", "wsd"]
+Verify = Literal["full", "size", "none"]
+WandbMode = Literal["auto", "online", "offline"]
+LogLevel = Literal["debug", "info", "warning", "error"]
+
+
+def _doc(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = dataclasses.MISSING) -> Any:
+    """A dataclass field with its README meaning in ``metadata["help"]``."""
+    return field(default=default, default_factory=factory, metadata={"help": help})
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     """The Transformer's shape. ``arch`` picks the family: ``gpt`` (decoder) or ``bert`` (encoder)."""
 
-    arch: str = "gpt"
-    num_layers: int = 2
-    hidden_size: int = 128
-    num_heads: int = 4
-    num_kv_heads: Optional[int] = None  # grouped-query attention; None = num_heads
-    ffn_hidden_size: Optional[int] = None  # None = 4*hidden (gelu) or 8/3*hidden rounded to 64 (swiglu)
-    seq_length: int = 128
-    max_position_embeddings: Optional[int] = None  # None = seq_length
-    vocab_size: Optional[int] = None  # None = the tokenizer's
-    make_vocab_size_divisible_by: int = 128
-    position: str = "rope"  # learned | sinusoidal | rope
-    rope_base: float = 10000.0
-    rope_scaling: Optional[dict] = None  # Llama-3 long context: {type: llama3, factor, low_freq_factor, high_freq_factor, original_max_position_embeddings}
-    norm: str = "rmsnorm"  # layernorm | rmsnorm
-    norm_eps: float = 1e-5
-    norm_position: str = "pre"  # pre | post (original BERT)
-    activation: str = "swiglu"  # gelu | swiglu
-    bias: bool = False
-    tie_embeddings: bool = True
-    hidden_dropout: float = 0.0
-    attention_dropout: float = 0.0
-    init_std: float = 0.02
-    num_token_types: int = 0  # BERT: 2 (segment A/B)
+    arch: Arch = _doc("gpt", "decoder (gpt) or encoder (bert)")
+    num_layers: int = _doc(2, "Transformer blocks")
+    hidden_size: int = _doc(128, "width of the residual stream")
+    num_heads: int = _doc(4, "attention (query) heads")
+    num_kv_heads: Optional[int] = _doc(None, "grouped-query attention; None = num_heads")
+    ffn_hidden_size: Optional[int] = _doc(None, "None = 4*hidden (gelu) or 8/3*hidden rounded to 64 (swiglu)")
+    seq_length: int = _doc(128, "tokens per training sample")
+    max_position_embeddings: Optional[int] = _doc(None, "None = seq_length")
+    vocab_size: Optional[int] = _doc(None, "None = the tokenizer's")
+    make_vocab_size_divisible_by: int = _doc(128, "the embedding is padded to a multiple of this x parallel.tensor")
+    position: Position = _doc("rope", "position encoding")
+    rope_base: float = _doc(10000.0, "RoPE frequency base (theta)")
+    rope_scaling: Optional[dict] = _doc(None, "Llama-3 long context: {type: llama3, factor, low_freq_factor, "
+                                        "high_freq_factor, original_max_position_embeddings}")
+    norm: Norm = _doc("rmsnorm", "normalisation layer")
+    norm_eps: float = _doc(1e-5, "epsilon of every norm")
+    norm_position: NormPosition = _doc("pre", "pre-norm blocks, or post (original BERT)")
+    activation: Activation = _doc("swiglu", "MLP activation")
+    bias: bool = _doc(False, "biases in the linear layers")
+    tie_embeddings: bool = _doc(True, "the output head shares the input embedding's weight")
+    hidden_dropout: float = _doc(0.0, "dropout after attention and MLP")
+    attention_dropout: float = _doc(0.0, "dropout of the attention probabilities")
+    init_std: float = _doc(0.02, "standard deviation of the normal weight init")
+    num_token_types: int = _doc(0, "BERT: 2 (segment A/B)")
 
     @property
     def kv_heads(self) -> int:
@@ -73,123 +99,121 @@ class ModelConfig:
 class ObjectiveConfig:
     """Which pretraining objective, and its options (each used by the objective that names it)."""
 
-    name: str = "clm"  # clm | mlm | plm | package.module:Class
-    # clm
-    reset_position_ids: bool = False
-    reset_attention_mask: bool = False
-    eod_mask_loss: bool = False
-    # mlm
-    mask_prob: float = 0.15
-    whole_word: bool = False
-    span_masking: bool = False
-    max_span_length: int = 3
-    binary_head: str = "sop"  # sop | nsp | none
-    # plm
-    plm_k: int = 6
-    plm_span_order: bool = False
-    # a user objective's own options
-    options: dict = field(default_factory=dict)
+    name: str = _doc("clm", "clm | mlm | plm | package.module:Class")
+    reset_position_ids: bool = _doc(False, "clm: positions restart after each EOD")
+    reset_attention_mask: bool = _doc(False, "clm: no attention across documents")
+    eod_mask_loss: bool = _doc(False, "clm: no loss where the input is EOD")
+    mask_prob: float = _doc(0.15, "mlm: share of the non-special tokens chosen for prediction")
+    whole_word: bool = _doc(False, "mlm: choose whole words")
+    span_masking: bool = _doc(False, "mlm: choose spans of 1..max_span_length units")
+    max_span_length: int = _doc(3, "mlm / plm: longest span")
+    binary_head: BinaryHead = _doc("sop", "mlm: sentence order, next sentence, or no binary head")
+    plm_k: int = _doc(6, "plm: predict only the last 1/K of each factorisation order")
+    plm_span_order: bool = _doc(False, "plm: permute spans of 1..max_span_length tokens")
+    options: dict = _doc(help="a user objective's own options", factory=dict)
 
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    tensor: int = 1
-    pipeline: int = 1
-    sequence_parallel: bool = False
-    pipeline_partition: str = "uniform"  # uniform | parameters
+    tensor: int = _doc(1, "tensor-parallel degree")
+    pipeline: int = _doc(1, "pipeline stages")
+    sequence_parallel: bool = _doc(False, "split norms and dropout over the tensor ranks along the sequence")
+    pipeline_partition: PipelinePartition = _doc("uniform", "blocks per stage: equal (uniform) or balanced by parameter count")
 
 
 @dataclass(frozen=True)
 class ZeroConfig:
-    stage: int = 0
-    offload_optimizer: bool = False
-    offload_params: bool = False
-    overlap_comm: bool = False
-    contiguous_gradients: bool = True
-    reduce_bucket_size: int = 50_000_000
+    stage: ZeroStage = _doc(0, "DeepSpeed ZeRO stage (2 and 3 need parallel.pipeline=1)")
+    offload_optimizer: bool = _doc(False, "optimizer state in CPU memory (stage >= 1)")
+    offload_params: bool = _doc(False, "parameters in CPU memory (stage 3)")
+    overlap_comm: bool = _doc(False, "overlap gradient reduction with the backward pass")
+    contiguous_gradients: bool = _doc(True, "copy gradients into one buffer as they are produced")
+    reduce_bucket_size: int = _doc(50_000_000, "elements per gradient reduction bucket")
 
 
 @dataclass(frozen=True)
 class LossScaleConfig:
     """fp16 dynamic loss scaling (DeepSpeed's ``fp16`` section)."""
 
-    initial_scale_power: int = 16
-    loss_scale_window: int = 1000
-    hysteresis: int = 2
-    min_loss_scale: float = 1.0
+    initial_scale_power: int = _doc(16, "fp16: the first loss scale is 2**this")
+    loss_scale_window: int = _doc(1000, "fp16: clean steps before the scale grows")
+    hysteresis: int = _doc(2, "fp16: overflows tolerated before the scale shrinks")
+    min_loss_scale: float = _doc(1.0, "fp16: the scale never goes below this")
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    prefix: Union[str, list, None] = None  # one prefix, or [w1, prefix1, w2, prefix2, ...]
-    tokenizer: Optional[str] = None  # SentencePiece .model, tokenizer.json (or its dir), or GPT-2 vocab.json
-    split: str = "969,30,1"
-    train: Union[str, list, None] = None  # instead of prefix+split: this prefix/blend, whole, for training
-    valid: Union[str, list, None] = None  # ... for evaluation every train.eval_interval
-    test: Union[str, list, None] = None  # ... evaluated once at the end
-    cache_dir: Optional[str] = None  # None = <prefix dir>/cache
-    num_workers: int = 0
+    prefix: Union[str, list, None] = _doc(None, "one prefix, or [w1, prefix1, w2, prefix2, ...]")
+    tokenizer: Optional[str] = _doc(None, "SentencePiece .model, tokenizer.json (or its dir), or GPT-2 vocab.json")
+    split: str = _doc("969,30,1", "train,valid,test proportions of data.prefix")
+    train: Union[str, list, None] = _doc(None, "instead of prefix+split: this prefix/blend, whole, for training")
+    valid: Union[str, list, None] = _doc(None, "... for evaluation every train.eval_interval")
+    test: Union[str, list, None] = _doc(None, "... evaluated once at the end")
+    cache_dir: Optional[str] = _doc(None, "None = <prefix dir>/cache")
+    num_workers: int = _doc(0, "DataLoader worker processes")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    iters: int = 100
-    micro_batch_size: int = 4
-    global_batch_size: int = 8
-    seed: int = 1234
-    log_interval: int = 10
-    eval_interval: int = 100
-    eval_iters: int = 10
-    activation_checkpointing: str = "none"  # none | full | selective
-    compile: str = "auto"  # auto | none | fused | blocks: torch.compile of the model (auto: the device's fastest)
-    exit_duration_minutes: Optional[float] = None  # save and exit (code 75) after this long
-    exit_interval: int = 0  # save and exit (code 0) at steps divisible by this; 0 = off (Megatron's --exit-interval)
-    max_skipped_steps: int = 10
-    peak_tflops: Optional[float] = None  # per device, for MFU; None = guess from device
+    iters: int = _doc(100, "optimizer steps")
+    micro_batch_size: int = _doc(4, "samples per rank per forward/backward")
+    global_batch_size: int = _doc(8, "samples per optimizer step, over all data-parallel ranks")
+    seed: int = _doc(1234, "seeds init, data order and masking")
+    log_interval: int = _doc(10, "steps between log lines")
+    eval_interval: int = _doc(100, "steps between evaluations")
+    eval_iters: int = _doc(10, "batches per evaluation; 0 = no evaluation")
+    activation_checkpointing: Recompute = _doc("none", "recompute activations in the backward pass")
+    compile: CompileMode = _doc("auto", "torch.compile of the model (auto: the device's fastest)")
+    exit_duration_minutes: Optional[float] = _doc(None, "save and exit (code 75) after this long")
+    exit_interval: int = _doc(0, "save and exit (code 0) at steps divisible by this; 0 = off "
+                              "(Megatron's --exit-interval)")
+    max_skipped_steps: int = _doc(10, "consecutive non-finite steps before the run stops (code 3)")
+    peak_tflops: Optional[float] = _doc(None, "per device, for MFU; None = guess from device")
 
 
 @dataclass(frozen=True)
 class OptimConfig:
-    name: str = "adamw"
-    lr: float = 3e-4
-    min_lr: float = 3e-5
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    clip_grad: float = 1.0  # 0 = no clipping
-    schedule: str = "cosine"  # constant | linear | cosine | inverse_sqrt | wsd
-    warmup_iters: int = 0
-    decay_iters: Optional[int] = None  # None = train.iters
-    wsd_decay_fraction: float = 0.1
+    name: OptimizerName = _doc("adamw", "optimizer")
+    lr: float = _doc(3e-4, "peak learning rate")
+    min_lr: float = _doc(3e-5, "learning rate at the end of the decay")
+    weight_decay: float = _doc(0.1, "decoupled weight decay")
+    beta1: float = _doc(0.9, "Adam beta1")
+    beta2: float = _doc(0.95, "Adam beta2")
+    eps: float = _doc(1e-8, "Adam epsilon")
+    clip_grad: float = _doc(1.0, "global gradient-norm clip; 0 = no clipping")
+    schedule: Schedule = _doc("cosine", "learning-rate decay after the warmup")
+    warmup_iters: int = _doc(0, "linear warmup steps")
+    decay_iters: Optional[int] = _doc(None, "None = train.iters")
+    wsd_decay_fraction: float = _doc(0.1, "wsd: the last fraction of the decay steps, decaying to min_lr (constant before)")
 
 
 @dataclass(frozen=True)
 class CheckpointConfig:
-    dir: Optional[str] = None  # None = run.dir/checkpoints
-    interval: int = 0  # 0 = no periodic saves (one is still written at the end)
-    keep: int = 2
-    keep_every: int = 0  # also keep every Nth step forever; 0 = off
-    resume: str = "auto"  # auto | none | <path to a checkpoint step dir>
-    save_at_end: bool = True
-    verify: str = "full"  # on load, each rank checks the files it reads: full (size + SHA-256) | size | none
-    async_save: bool = False  # the step loop waits only for the copy to host memory; write + publish in background
+    dir: Optional[str] = _doc(None, "None = run.dir/checkpoints")
+    interval: int = _doc(0, "0 = no periodic saves (one is still written at the end)")
+    keep: int = _doc(2, "newest checkpoints kept")
+    keep_every: int = _doc(0, "also keep every Nth step forever; 0 = off")
+    resume: str = _doc("auto", "auto | none | <path to a checkpoint step dir>")
+    save_at_end: bool = _doc(True, "save when the run ends")
+    verify: Verify = _doc("full", "on load, each rank checks the files it reads: full (size + SHA-256), size, none")
+    async_save: bool = _doc(False, "the step loop waits only for the copy to host memory; write + publish in "
+                            "background")
 
 
 @dataclass(frozen=True)
 class WandbConfig:
     """Weights & Biases logging (the optional ``wandb`` extra): off unless a project is named."""
 
-    project: Optional[str] = None  # W&B project; None = no W&B
-    name: Optional[str] = None  # run name; None = the run.dir's name
-    mode: str = "auto"  # auto (online with an API key and a reachable server, else offline) | online | offline
+    project: Optional[str] = _doc(None, "W&B project; None = no W&B")
+    name: Optional[str] = _doc(None, "run name; None = the run.dir's name")
+    mode: WandbMode = _doc("auto", "auto: online with an API key and a reachable server, else offline")
 
 
 @dataclass(frozen=True)
 class RunConfig:
-    dir: str = "runs/default"
-    tensorboard: bool = True
-    log_level: str = "info"
+    dir: str = _doc("runs/default", "the run's directory: config, metrics, logs, checkpoints")
+    tensorboard: bool = _doc(True, "write TensorBoard events under run.dir/tensorboard")
+    log_level: LogLevel = _doc("info", "rank 0's log level")
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
@@ -199,7 +223,7 @@ class Config:
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     zero: ZeroConfig = field(default_factory=ZeroConfig)
-    precision: str = "fp32"
+    precision: Precision = _doc("fp32", "fp16 needs CUDA")
     loss_scale: LossScaleConfig = field(default_factory=LossScaleConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -224,24 +248,6 @@ class Config:
         dp = self.data_parallel_size(world_size)
         return self.train.global_batch_size // (self.train.micro_batch_size * dp)
 
-
-CHOICES = {
-    "model.arch": ("gpt", "bert"),
-    "model.position": ("learned", "sinusoidal", "rope"),
-    "model.norm": ("layernorm", "rmsnorm"),
-    "model.norm_position": ("pre", "post"),
-    "model.activation": ("gelu", "swiglu"),
-    "objective.binary_head": ("sop", "nsp", "none"),
-    "parallel.pipeline_partition": ("uniform", "parameters"),
-    "precision": PRECISIONS,
-    "train.activation_checkpointing": ("none", "full", "selective"),
-    "train.compile": ("auto", "none", "fused", "blocks"),
-    "optim.name": ("adamw",),
-    "optim.schedule": ("constant", "linear", "cosine", "inverse_sqrt", "wsd"),
-    "run.log_level": ("debug", "info", "warning", "error"),
-    "checkpoint.verify": ("full", "size", "none"),
-    "run.wandb.mode": ("auto", "online", "offline"),
-}
 
 
 # ---------------------------------------------------------------- building
@@ -283,6 +289,8 @@ def _coerce(value: Any, hint: Any, key: str, where: str) -> Any:
                 errors.append(e)
         names = " or ".join("null" if a is type(None) else getattr(a, "__name__", str(a)) for a in args)
         raise ConfigError(f"config key '{key}'{where} must be {names}, got {value!r}")
+    if origin is Literal:
+        return _check_choice(value, typing.get_args(hint), key, where)
     expected = origin or hint
     ok = False
     if expected is bool:
@@ -311,6 +319,16 @@ def _coerce(value: Any, hint: Any, key: str, where: str) -> Any:
     return value
 
 
+def _check_choice(value: Any, allowed: tuple, key: str, where: str) -> Any:
+    """A ``Literal`` field: the value must be one of ``allowed``, with its type (``True`` is not stage 1)."""
+    if any(value == a and type(value) is type(a) for a in allowed):
+        return value
+    close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1, cutoff=0.5)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    raise ConfigError(f"config key '{key}'{where} must be one of {', '.join(map(str, allowed))}; "
+                      f"got {value!r}{hint}")
+
+
 def _build(cls: type, raw: dict, prefix: str, where: str) -> Any:
     if not isinstance(raw, dict):
         raise ConfigError(f"config section '{prefix.rstrip('.')}'{where} must be a mapping, got {raw!r}")
@@ -325,11 +343,7 @@ def _build(cls: type, raw: dict, prefix: str, where: str) -> Any:
         if dataclasses.is_dataclass(hint):
             kwargs[name] = _build(hint, value or {}, key + ".", where)
         else:
-            value = _coerce(value, hint, key, where)
-            choices = CHOICES.get(key)
-            if choices and value not in choices:
-                raise ConfigError(f"config key '{key}'{where} must be one of {', '.join(choices)}; got {value!r}")
-            kwargs[name] = value
+            kwargs[name] = _coerce(value, hint, key, where)
     return cls(**kwargs)
 
 
@@ -461,8 +475,6 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
         raise ConfigError(f"model.seq_length ({m.seq_length}) must be divisible by parallel.tensor for sequence_parallel")
     if m.position == "rope" and (m.hidden_size // m.num_heads) % 2:
         raise ConfigError("model.position=rope needs an even head dimension (hidden_size / num_heads)")
-    if cfg.zero.stage not in (0, 1, 2, 3):
-        raise ConfigError(f"zero.stage must be 0, 1, 2 or 3, got {cfg.zero.stage}")
     if cfg.zero.stage >= 2 and p.pipeline > 1:
         raise ConfigError(
             f"zero.stage={cfg.zero.stage} cannot be combined with parallel.pipeline={p.pipeline}: "
@@ -862,28 +874,27 @@ def to_yaml(cfg: Config) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
 
 
-def reference_table() -> str:
-    """Markdown table of every key, its type and default: the README's config reference."""
-    import inspect
-    import re
+def _type_name(hint: Any) -> str:
+    """How the reference writes a field's type: a choice as its values, else the annotation."""
+    if typing.get_origin(hint) is Literal:
+        return " | ".join(map(str, typing.get_args(hint)))
+    return str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")
 
+
+def reference_table() -> str:
+    """Markdown table of every key, its type, default and meaning: the README's config reference."""
     rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
 
     def walk(cls: type, prefix: str, inst: Any) -> None:
         hints = typing.get_type_hints(cls)
-        notes = dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.+)$", inspect.getsource(cls), re.M))
         for f in dataclasses.fields(cls):
-            hint = hints[f.name]
-            value = getattr(inst, f.name)
+            hint, value = hints[f.name], getattr(inst, f.name)
             if dataclasses.is_dataclass(hint):
                 walk(hint, prefix + f.name + ".", value)
                 continue
-            t = str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")
-            key = prefix + f.name
-            choices = CHOICES.get(key)
-            t = " \\| ".join(choices) if choices else t
-            note = notes.get(f.name, "").replace("|", "\\|")
-            rows.append(f"| `{key}` | {t} | `{json.dumps(value)}` | {note} |")
+            cells = (_type_name(hint), f.metadata.get("help", ""))
+            t, note = (c.replace("|", "\\|") for c in cells)
+            rows.append(f"| `{prefix + f.name}` | {t} | `{json.dumps(value)}` | {note} |")
 
     walk(Config, "", Config())
     return "\n".join(rows)

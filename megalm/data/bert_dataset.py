@@ -13,17 +13,19 @@ from __future__ import annotations
 
 import logging
 import os
+import typing
 from typing import Any, Optional, Union
 
 import numpy as np
 
+from megalm.config import BinaryHead
 from megalm.data.cache import cached_arrays, description_hash
 from megalm.data.indexed import IndexedDataset
 from megalm.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
-BINARY_HEADS = ("sop", "nsp", "none")
+BINARY_HEADS = typing.get_args(BinaryHead)
 
 
 def build_pair_samples(doc_indices: np.ndarray, sent_lengths: np.ndarray, docs: range, num_samples: Optional[int],
