@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from megalm import config as C
+from megalm import environment
 from megalm.errors import ConfigError, DataError, MegalmError
 
 log = logging.getLogger(__name__)
@@ -209,8 +210,7 @@ def _objective(cfg: C.Config) -> str:
 
 def _world_size_default(cfg: C.Config) -> int:
     """Inside a Slurm allocation, the task count; else tensor x pipeline (one data-parallel rank)."""
-    ntasks = os.environ.get("SLURM_NTASKS")
-    return int(ntasks) if ntasks and ntasks.isdigit() else cfg.parallel.tensor * cfg.parallel.pipeline
+    return environment.slurm_ntasks() or cfg.parallel.tensor * cfg.parallel.pipeline
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -14,6 +14,8 @@ import socket
 import subprocess
 from typing import Optional
 
+from megalm import environment
+
 logger = logging.getLogger(__name__)
 
 _REQUIRED = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -26,7 +28,7 @@ def _free_port() -> int:
 
 
 def _slurm_master_addr() -> str:
-    nodelist = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST", "")
+    nodelist = environment.slurm_nodelist()
     try:
         hosts = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True,
                                text=True, check=True, timeout=30).stdout.split()
@@ -73,7 +75,7 @@ def discover(env: Optional[dict] = None) -> str:
 def _disable_cpu_shm_comm() -> None:
     """DeepSpeed's CPU shared-memory allreduce JIT-compiles for ~30 s per rank and leaks a 69 MB
     /dev/shm file per rank per run; gloo is enough on CPU. MEGALM_CPU_SHM_COMM=1 keeps it."""
-    if os.environ.get("MEGALM_CPU_SHM_COMM") == "1":
+    if environment.cpu_shm_comm():
         return
     import deepspeed.ops
 
@@ -82,7 +84,7 @@ def _disable_cpu_shm_comm() -> None:
 
 def clean_shm() -> None:
     """Remove DeepSpeed's CPU comm buffers that carry this run's master address and port."""
-    port = os.environ.get("MASTER_PORT")
+    port = environment.master_port()
     if not port:
         return
     for path in glob.glob(f"/dev/shm/deepspeed_*_{port}_*"):
@@ -108,13 +110,13 @@ def init() -> dict:
 
     backend = backend_for_device()
     if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(environment.local_rank())
     else:
         _disable_cpu_shm_comm()
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
     atexit.register(shutdown)
-    info = dict(launcher=how, backend=backend, rank=int(os.environ["RANK"]),
-                world_size=int(os.environ["WORLD_SIZE"]), local_rank=int(os.environ["LOCAL_RANK"]))
+    info = dict(launcher=how, backend=backend, rank=environment.rank(),
+                world_size=environment.world_size(), local_rank=environment.local_rank())
     logger.debug("distributed: %s", info)
     return info
 
@@ -143,5 +145,5 @@ def device() -> "torch.device":  # noqa: F821 - string annotation keeps torch im
     import torch
 
     if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        return torch.device("cuda", environment.local_rank())
     return torch.device("cpu")

@@ -12,7 +12,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import os
 import sys
 from dataclasses import dataclass
 from typing import Optional
@@ -20,6 +19,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from megalm import environment
 from megalm.config import Config, ParallelConfig
 from megalm.errors import ConfigError
 
@@ -185,9 +185,9 @@ def generate(model, prompt_ids: list, max_new_tokens: int, sampling: Sampling = 
 
 def _init_distributed() -> int:
     """World size under torchrun (process group started), else 1."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = environment.world_size()
     if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(environment.local_rank())
     if world > 1:
         import torch.distributed as dist
 
@@ -234,7 +234,7 @@ def main(argv: Optional[list] = None) -> int:
         out = generate(model, prompt_ids, args.max_new_tokens, sampling, None if args.no_stop else tok.eos)
         new = out[len(prompt_ids):]
         text = tok.decode([t for t in new if t != tok.eos])
-        rank = int(os.environ.get("RANK", "0"))
+        rank = environment.rank()
         if rank == 0:
             if args.json:
                 print(json.dumps({"prompt_ids": prompt_ids, "output_ids": new, "text": text}, ensure_ascii=False))

@@ -65,10 +65,11 @@ def _set_threads() -> None:
     """The deepspeed launcher sets no OMP_NUM_THREADS: N ranks on few cores would oversubscribe them."""
     import torch
 
-    if "OMP_NUM_THREADS" in os.environ or torch.cuda.is_available():
+    from megalm import environment
+
+    if environment.omp_threads_set() or torch.cuda.is_available():
         return
-    local = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("SLURM_NTASKS_PER_NODE", "0").split("(")[0]
-                or os.environ.get("WORLD_SIZE", "1"))
+    local = environment.local_world_size()
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local, 1)))
 
 

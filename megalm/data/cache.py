@@ -17,6 +17,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from megalm import environment
 from megalm.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -135,7 +136,7 @@ def cached_arrays(
         raise error
     if status[0] is not None:
         raise DataError(f"rank 0 failed to build the index cache {stem}-* ({status[0]}); see rank 0's log")
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_rank = environment.local_rank()
     if rank != 0 and local_rank == 0 and try_load() is None:
         build_and_save()  # this node does not share rank 0's filesystem
     comm.barrier()

@@ -18,6 +18,8 @@ from typing import Optional
 
 import numpy as np
 
+from megalm import environment
+
 log = logging.getLogger(__name__)
 
 # -ffp-contract=off: no fused multiply-add, so the doubles round exactly as the Python fallback
@@ -47,7 +49,7 @@ _tried = False
 
 
 def _cache_dir() -> str:
-    return os.environ.get("MEGALM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "megalm")
+    return environment.cache_dir()
 
 
 def library() -> Optional[ctypes.CDLL]:
@@ -56,9 +58,9 @@ def library() -> Optional[ctypes.CDLL]:
     if _tried:
         return _lib
     _tried = True
-    if os.environ.get("MEGALM_NO_NATIVE") == "1":
+    if environment.native_disabled():
         return None
-    cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    cc = shutil.which(environment.c_compiler()) or shutil.which("gcc")
     if cc is None:
         return None
     tag = hashlib.sha1(_SOURCE.encode()).hexdigest()[:12]

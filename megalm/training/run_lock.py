@@ -15,6 +15,7 @@ import socket
 import time
 from typing import Optional
 
+from megalm import environment
 from megalm.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
@@ -23,7 +24,7 @@ LOCK = ".megalm.lock"
 
 
 def _me() -> dict:
-    return {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job": os.environ.get("SLURM_JOB_ID"),
+    return {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job": environment.slurm_job_id(),
             "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
 

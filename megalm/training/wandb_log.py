@@ -13,6 +13,7 @@ import secrets
 import socket
 from typing import Any, Optional
 
+from megalm import environment
 from megalm.errors import ConfigError
 
 logger = logging.getLogger("megalm")
@@ -20,9 +21,9 @@ ID_FILE = "wandb_id.txt"
 
 
 def _online_possible(timeout: float = 2.0) -> bool:
-    if not (os.environ.get("WANDB_API_KEY") or os.path.exists(os.path.expanduser("~/.netrc"))):
+    if not (environment.wandb_api_key_set() or os.path.exists(os.path.expanduser("~/.netrc"))):
         return False
-    host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1].split("/")[0]
+    host = environment.wandb_base_url().split("://")[-1].split("/")[0]
     name, _, port = host.partition(":")
     try:
         with socket.create_connection((name, int(port or 443)), timeout=timeout):
@@ -33,7 +34,7 @@ def _online_possible(timeout: float = 2.0) -> bool:
 
 def resolve_mode(mode: str) -> str:
     """online | offline: WANDB_MODE wins, then the config; "auto" is offline without a key or network."""
-    env = os.environ.get("WANDB_MODE")
+    env = environment.wandb_mode()
     if env in ("online", "offline", "disabled"):
         return env
     if mode == "auto":
