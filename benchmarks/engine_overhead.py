@@ -17,10 +17,11 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import train_step  # noqa: E402  (benchmarks/train_step.py)
+import train_step  # benchmarks/train_step.py
 
 
-def engine_step(a, dtype):
+def engine_step(a):
+    """One DeepSpeed step; its precision comes from the config train_step.make_cfg derives from ``a``."""
     import deepspeed
 
     import megalm.config as C
@@ -58,7 +59,7 @@ def main(argv=None) -> int:
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, a.vocab, (a.batch, a.seq), generator=g)
     labels = torch.randint(0, a.vocab, (a.batch, a.seq), generator=g)
-    runners = [("bare", train_step.ours(a, dtype)[1]), ("deepspeed", engine_step(a, dtype))]
+    runners = [("bare", train_step.ours(a, dtype)[1]), ("deepspeed", engine_step(a))]
     elapsed = {n: 0.0 for n, _ in runners}
     for r in range(a.rounds):
         for name, run in runners:

@@ -9,8 +9,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megalm.errors import MegalmError  # noqa: E402
-from megalm.plan import main  # noqa: E402
+from megalm.errors import MegalmError
+from megalm.plan import main
 
 if __name__ == "__main__":
     try:

@@ -103,13 +103,13 @@ class IndexedDataset:
         self.sequence_modes = np.frombuffer(buf, np.int8, n_seq, off) if size > expected else None
 
         bin_size = os.path.getsize(bin_path)
-        self.dtype = np.dtype(self._resolve_dtype(code, n_seq, bin_size, idx_path))
+        self.dtype = np.dtype(self._resolve_dtype(code, n_seq, bin_size))
         self.dtype_code = code
         self._validate(bin_size, idx_path, bin_path)
         self._bin_buf = _map(bin_path)
         self._tokens = np.frombuffer(self._bin_buf, self.dtype) if bin_size else np.empty(0, self.dtype)
 
-    def _resolve_dtype(self, code: int, n_seq: int, bin_size: int, idx_path: str) -> type:
+    def _resolve_dtype(self, code: int, n_seq: int, bin_size: int) -> type:
         dtype = CODE_TO_DTYPE[code]
         if code in (6, 7) and n_seq:
             # NeoX wrote float32 as 6 and float64 as 7: trust the .bin size over the code.

@@ -264,7 +264,7 @@ def encode_chunk(task: tuple[int, int, bytes]) -> dict:
                                  _W["eod"] if opts.append_eod else None, _W["dtype"])
                 del ids
             break
-        except Exception as e:  # noqa: BLE001 - sentencepiece/tokenizers raise assorted types on bad text
+        except Exception as e:  # sentencepiece/tokenizers raise assorted types on bad text
             # one bad document fails the whole batch: find it, drop it, retry
             ok = [_encodable(d) for d in docs]
             reason, detail = "invalid_unicode", "lone surrogate"

@@ -38,11 +38,11 @@ def _rule_split(text: str, keep_newlines: bool) -> list[str]:
 
 def _nltk_splitter(keep_newlines: bool, lang: str) -> Optional[Callable[[str], list[str]]]:
     try:
-        import nltk  # noqa: F401
+        import nltk
         from nltk.tokenize import punkt
 
         splitter = nltk.load(f"tokenizers/punkt/{lang}.pickle")
-    except Exception:  # not installed, or punkt data missing: fall back to rules
+    except Exception:  # noqa: BLE001 - not installed, or punkt data missing: fall back to rules
         return None
     if keep_newlines:
         class _Vars(punkt.PunktLanguageVars):

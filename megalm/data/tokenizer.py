@@ -114,7 +114,7 @@ class SentencePieceTokenizer(BaseTokenizer):
             with open(self.model_path, "rb") as f:
                 blob = f.read()
             sp.LoadFromSerializedProto(blob)
-        except Exception as e:  # sentencepiece raises RuntimeError/OSError with C++ text
+        except Exception as e:  # noqa: BLE001 - sentencepiece raises RuntimeError/OSError with C++ text
             raise DataError(
                 f"tokenizer model {self.model_path} is not a valid SentencePiece model ({e})"
             ) from None
@@ -203,7 +203,7 @@ class _FastTokenizer(BaseTokenizer):
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text).ids
 
-    def encode_batch(self, texts: Sequence[str], num_threads: int = 1) -> list[list[int]]:
+    def encode_batch(self, texts: Sequence[str], num_threads: int = 1) -> list[list[int]]:  # noqa: ARG002
         # tokenizers parallelises a batch over its own thread pool (RAYON_NUM_THREADS), not num_threads
         return [e.ids for e in self.tok.encode_batch(list(texts))]
 
@@ -275,7 +275,7 @@ class HFTokenizer(_FastTokenizer):
             raise DataError(f"tokenizer not found: {file} (a Hugging Face tokenizer.json or a directory holding one)")
         try:
             self.tok = _Tok.from_file(file)
-        except Exception as e:  # tokenizers raises a bare Exception with serde's text
+        except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception with serde's text
             raise DataError(f"{file} is not a valid Hugging Face tokenizer.json ({e})") from None
         self.model_path = file
         self.dir = os.path.dirname(os.path.abspath(file))
@@ -321,7 +321,7 @@ class GPT2BPETokenizer(_FastTokenizer):
                                 "or a directory holding vocab.json and merges.txt)")
         try:
             vocab, merges = BPE.read_file(vocab_file, merges_file)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - tokenizers' errors are bare Exceptions
             raise DataError(f"GPT-2 BPE files {vocab_file} / {merges_file} do not parse ({e})") from None
         self.tok = _Tok(BPE(vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="",
                             end_of_word_suffix="", fuse_unk=False))

@@ -35,7 +35,7 @@ def _serve(conn, fn: Callable, init: Callable, init_args: tuple) -> None:
             out = (seq, True, fn(task))
         except MegalmError as e:
             out = (seq, False, e)
-        except BaseException:  # a bug: carry the worker's traceback to the main process
+        except BaseException:  # noqa: BLE001 - a bug: carry the worker's traceback to the main process
             out = (seq, False, RuntimeError(traceback.format_exc()))
         conn.send(out)
 

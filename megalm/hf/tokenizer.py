@@ -34,7 +34,7 @@ def _load_proto(model_path: str):
             proto.ParseFromString(f.read())
     except FileNotFoundError:
         raise DataError(f"tokenizer model not found: {model_path}") from None
-    except Exception as e:  # protobuf DecodeError
+    except Exception as e:  # noqa: BLE001 - protobuf's DecodeError (or its C++ twin)
         raise DataError(f"tokenizer model {model_path} is not a SentencePiece model ({e})") from None
     return proto
 

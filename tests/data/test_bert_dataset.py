@@ -1,10 +1,7 @@
-import json
-
 import numpy as np
 import pytest
 
 from megalm.data.bert_dataset import BertPairDataset, _truncate_pair
-from megalm.data.indexed import IndexedDataset
 from megalm.data.preprocess import Options, preprocess
 from megalm.errors import DataError
 

@@ -34,7 +34,7 @@ def _train(config: str, data_prefix: str, log) -> subprocess.CompletedProcess:
     return proc
 
 
-def test_import_train_requeue_resumes_its_own_step(tiny_data, tmp_path):  # noqa: F811
+def test_import_train_requeue_resumes_its_own_step(tiny_data, tmp_path):
     tok, prefix = tiny_data
     config = transformers.LlamaConfig(vocab_size=600, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
