@@ -279,14 +279,13 @@ def _coerce(value: Any, hint: Any, key: str, where: str) -> Any:
         args = typing.get_args(hint)
         if value is None and type(None) in args:
             return None
-        errors = []
         for arg in args:
             if arg is type(None):
                 continue
             try:
                 return _coerce(value, arg, key, where)
-            except ConfigError as e:
-                errors.append(e)
+            except ConfigError:
+                pass  # try the next type
         names = " or ".join("null" if a is type(None) else getattr(a, "__name__", str(a)) for a in args)
         raise ConfigError(f"config key '{key}'{where} must be {names}, got {value!r}")
     if origin is Literal:
@@ -496,8 +495,6 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
             raise ConfigError(f"{key} must be in [0, 1), got {value}")
     if cfg.objective.plm_k < 1:
         raise ConfigError(f"objective.plm_k must be at least 1, got {cfg.objective.plm_k}")
-    if m.arch == "bert" and m.position == "rope" and cfg.objective.name == "mlm":
-        pass  # allowed: a RoPE encoder is fine, it just has no HF BERT export
     validate_values(cfg)
     if world_size is not None:
         validate_layout(cfg, world_size)

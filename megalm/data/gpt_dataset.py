@@ -242,10 +242,6 @@ class GPTDataset:
     def __len__(self) -> int:
         return self.sample_index.shape[0] - 1
 
-    def sample_tokens(self, idx: int) -> np.ndarray:
-        """The int64 tokens of sample ``idx`` (seq_length+1, pad-filled if the sample is short)."""
-        return self._sample(idx)[0]
-
     def _sample(self, idx: int) -> tuple[np.ndarray, int]:
         n = len(self)
         if idx < 0:

@@ -52,9 +52,6 @@ REASONS = {
     "too_long": "longer than --max-chars",
     "duplicate": "exact duplicate of an earlier document",
 }
-# reasons that are about malformed input, as opposed to filters the user asked for
-INPUT_ERRORS = ("malformed_json", "invalid_utf8", "not_an_object", "too_deep", "too_big", "missing_key",
-                "non_string", "invalid_unicode", "empty")
 
 
 @dataclass(frozen=True)
