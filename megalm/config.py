@@ -195,7 +195,7 @@ class CheckpointConfig:
     keep_every: int = _doc(0, "also keep every Nth step forever; 0 = off")
     resume: str = _doc("auto", "auto | none | <path to a checkpoint step dir>")
     save_at_end: bool = _doc(True, "save when the run ends")
-    verify: Verify = _doc("full", "on load, each rank checks the files it reads: full (size + SHA-256), size, none")
+    verify: Verify = _doc("full", "on load, each rank checks the files it reads: full (size + checksum), size, none")
     async_save: bool = _doc(False, "the step loop waits only for the copy to host memory; write + publish in "
                             "background")
 
