@@ -14,16 +14,20 @@ import argparse
 import dataclasses
 import json
 import sys
+import typing
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
-from megalm.config import Config, load, validate
+from megalm.config import Config, ZeroStage, load, validate
 from megalm.errors import ConfigError
 
 GB = 1024**3
 OVERHEAD_GB = 2.0  # assumed, not measured: CUDA context, NCCL buffers, allocator slack per GPU
 HEADROOM = 0.9  # a layout "fits" under this fraction of the GPU's memory
-RECOMPUTE = ("none", "selective", "full")
+# Step-time factor of each train.activation_checkpointing mode (a rule of thumb, see relative_step_time),
+# cheapest first: the order layouts are tried in. tests/launch/test_plan.py checks it covers every mode.
+RECOMPUTE_COST = {"none": 1.0, "selective": 1.03, "full": 1.33}
+RECOMPUTE = tuple(RECOMPUTE_COST)
 
 
 @dataclass(frozen=True)
@@ -364,7 +368,7 @@ def candidate_layouts(cfg: Config, gpus: int, gpus_per_node: int = 8) -> Iterato
                 continue
             dp = gpus // (tp * pp)
             for mb in (1, 2, 4, 8, 16, 32):
-                for zero in (0, 1, 2, 3):
+                for zero in typing.get_args(ZeroStage):
                     if dp == 1 and zero > 0:
                         continue  # nothing to partition over
                     for recompute in RECOMPUTE:
@@ -378,7 +382,7 @@ def relative_step_time(cfg: Config, layout: Layout) -> float:
     that fit. Rules of thumb, not a measurement: recompute costs forward passes, TP talks every layer
     (cheap inside a node), the pipeline idles (pp-1)/microbatches of the time, ZeRO-3 gathers the weights
     every step (costly across nodes), and small micro batches use the GPU poorly."""
-    f = {"none": 1.0, "selective": 1.03, "full": 1.33}[layout.recompute]
+    f = RECOMPUTE_COST[layout.recompute]
     f *= 1.0 + 0.06 * (layout.tp.bit_length() - 1)  # +6% per doubling of TP
     micro_batches = max(1, cfg.train.global_batch_size // (layout.micro_batch * layout.dp))
     f *= 1.0 + (layout.pp - 1) / micro_batches

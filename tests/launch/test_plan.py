@@ -322,3 +322,14 @@ def test_plan_never_fits_a_layout_megalm_refuses(capsys):
     fits = plan(cfg, 64, 80, vocab_size=32000)
     assert fits and all(refusal(cfg, e.layout) is None for e in fits)
     assert not any(e.layout.tp in (4, 8) for e in fits)
+
+
+def test_layout_search_covers_every_recompute_mode_and_zero_stage():
+    import typing
+
+    from megalm.plan import RECOMPUTE_COST, candidate_layouts
+
+    assert set(RECOMPUTE_COST) == set(typing.get_args(C.Recompute)), "give the new mode a step-time factor"
+    cfg = C.load(os.path.join(REPO, "configs", "gpt_tiny.yaml"))
+    seen = {(lay.recompute, lay.zero) for lay in candidate_layouts(cfg, 4, 4)}
+    assert {r for r, _ in seen} == set(RECOMPUTE_COST) and {z for _, z in seen} == {0, 1, 2, 3}
