@@ -29,6 +29,7 @@ RUN python -m pip install \
       "pyyaml==6.0.3" \
       "transformers==5.24.0" \
       "safetensors==0.8.0" \
+      "xxhash==4.1.0" \
       "tokenizers==0.23.3" \
       "protobuf==7.36.2"
 
