@@ -191,7 +191,7 @@ def main(argv=None) -> int:
         step += 1
         base = PeakRSS.now()
         rss = PeakRSS().start()
-        results["save"].append(timed(lambda: ck.save(step)))
+        results["save"].append(timed(lambda: ck.save(step, 0)))
         results["save_rss"].append(rss.stop() - base)
         results["floor_load"].append(timed(floor_load))
         results["floor_hash"].append(timed(floor_hash))
@@ -204,7 +204,7 @@ def main(argv=None) -> int:
         base = PeakRSS.now()
         rss = PeakRSS().start()
         t0 = time.perf_counter()
-        results["async_stall"].append(timed(lambda: ck.save(step)))
+        results["async_stall"].append(timed(lambda: ck.save(step, 0)))
         ck.wait()
         dist.barrier()
         results["async_total"].append(time.perf_counter() - t0)

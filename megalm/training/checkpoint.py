@@ -43,7 +43,7 @@ class Checkpointer:
         self.world_size = world_size
         self.root = cfg.checkpoint_dir
         self.tokenizer_path = tokenizer_path
-        self.consumed_samples = 0
+        self.saved_step: Optional[int] = None  # the step this process saved last
         self.last_stall_s = 0.0  # how long the last save held the step loop
         self._thread: Optional[threading.Thread] = None
         self._error: Optional[BaseException] = None
@@ -55,9 +55,22 @@ class Checkpointer:
 
     # ------------------------------------------------------------------ save
 
-    def save(self, step: int, diagnostic: bool = False) -> str:
+    def maybe_save(self, step: int, consumed_samples: int) -> None:
+        """The periodic save: every ``checkpoint.interval`` steps, short of the last (save_at_end covers it)."""
+        every = self.cfg.checkpoint.interval
+        if every and step % every == 0 and step < self.cfg.train.iters:
+            self.save(step, consumed_samples)
+
+    def ensure_saved(self, step: int, consumed_samples: int) -> None:
+        """Save ``step`` unless this process has just saved it (a stop right after a periodic save)."""
+        if self.saved_step != step:
+            self.save(step, consumed_samples)
+
+    def save(self, step: int, consumed_samples: int, diagnostic: bool = False) -> str:
         """Write a checkpoint of ``step`` (async when ``checkpoint.async_save``); return its final path."""
         t0 = time.perf_counter()
+        if not diagnostic:
+            self.saved_step = step
         self.wait()
         name = step_name(step) + ("-diagnostic" if diagnostic else "")
         tmp = os.path.join(self.root, ".tmp-" + name)
@@ -67,7 +80,7 @@ class Checkpointer:
             os.makedirs(os.path.join(tmp, "megalm"))
         self._barrier()
         run_async = self.cfg.checkpoint.async_save and not diagnostic
-        state = self._state(step) if self.rank == 0 else None
+        state = self._state(step, consumed_samples) if self.rank == 0 else None
         finish = state_save.collect(self.engine, self.cfg, tmp, self.rank, copy=run_async)
         if run_async:
             self._thread = threading.Thread(target=self._complete_async, args=(finish, tmp, name, state, step),
@@ -110,13 +123,13 @@ class Checkpointer:
         if self._group is not None:
             comm.barrier(group=self._group)
 
-    def _state(self, step: int) -> dict:
+    def _state(self, step: int, consumed_samples: int) -> dict:
         from megalm.training import ds_state
 
         ds = self.engine.ds
         return {
             "step": step,
-            "consumed_samples": self.consumed_samples,
+            "consumed_samples": consumed_samples,
             "world_size": self.world_size,
             "tensor": self.cfg.parallel.tensor,
             "pipeline": self.cfg.parallel.pipeline,
@@ -179,7 +192,6 @@ class Checkpointer:
         carried = load_into_engine(self.engine, self.cfg, path, state, mode, rng_rank=self.rank if same else None)
         step, consumed = int(state["step"]), int(state["consumed_samples"])
         ds_state.set_engine_counters(self.engine.ds, state.get("engine", {}), step, consumed)
-        self.consumed_samples = consumed
         if self.rank == 0:
             if same:
                 logger.info(f"resumed from {path} at step {step} ({consumed} samples consumed)")

@@ -24,10 +24,11 @@ def model_param_names(engine: Any, cfg: Config, replicated: bool = False) -> dic
     from deepspeed.pipe import TiedLayerSpec
 
     from megalm.model.pipeline import pipeline_name_prefixes
+    from megalm.training.ds_state import pipeline_layer_specs
 
     prefixes = pipeline_name_prefixes(cfg)
     tie_first = {}
-    for i, spec in enumerate(module._layer_specs):
+    for i, spec in enumerate(pipeline_layer_specs(module)):
         if isinstance(spec, TiedLayerSpec) and spec.key not in tie_first:
             tie_first[spec.key] = i
     out = {}
