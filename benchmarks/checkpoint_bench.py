@@ -114,7 +114,7 @@ def my_tensors(engine, cfg) -> dict[str, torch.Tensor]:
     from megalm.parallel import state
     from megalm.training import ds_state
     from megalm.training.param_names import model_param_names
-    from megalm.training.state_save import plan
+    from megalm.training.checkpoint.write_shards import plan
 
     out = {}
     for it in plan(model_param_names(engine, cfg), state.tensor_rank(), engine.dp_size):
@@ -141,7 +141,7 @@ def main(argv=None) -> int:
     a = parse(argv)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from megalm import distributed
-    from megalm.training.checkpoint import Checkpointer
+    from megalm.training.checkpoint.manager import Checkpointer
 
     distributed.init()
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -161,7 +161,7 @@ def main(argv=None) -> int:
 
     from safetensors.torch import load_file, save_file
 
-    from megalm.training import checksum
+    from megalm.training.checkpoint import checksum
 
     floor_dir = os.path.join(root, "floor")
     os.makedirs(floor_dir, exist_ok=True)

@@ -29,7 +29,7 @@ logger = logging.getLogger("megalm")
 class Trainer:
     runner: StepRunner
     batches: Iterator[dict]
-    checkpointer: Any  # megalm.training.checkpoint.Checkpointer
+    checkpointer: Any  # megalm.training.checkpoint.manager.Checkpointer
     evaluator: Evaluator
     log: StepLog
     nonfinite: NonFinitePolicy

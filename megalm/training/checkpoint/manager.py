@@ -1,6 +1,6 @@
 """Checkpoints that never lose work: one layout-free copy of the state, parallel writes, exact resume.
 
-Every rank streams its share of the state (state_save) into ``<root>/.tmp-step_N``,
+Every rank streams its share of the state (write_shards) into ``<root>/.tmp-step_N``,
 hashing and fsyncing what it writes; rank 0 gathers the ranks' reports into
 MANIFEST.json, renames the directory to ``<root>/step_N`` and only then points
 ``<root>/latest`` at it (manifest.publish). A kill at any moment leaves the
@@ -24,13 +24,13 @@ import megalm
 from megalm.config import Config
 from megalm.errors import CheckpointError
 from megalm.parallel import comm
-from megalm.training import manifest, state_save
-from megalm.training.manifest import latest_path, list_steps, publish, step_name, verify  # noqa: F401 (API)
+from megalm.training import ds_state
+from megalm.training.checkpoint import write_shards
+from megalm.training.checkpoint.manifest import publish, verify
+from megalm.training.checkpoint.paths import (STATE_FILE, latest_path, list_steps, read_state, resolve_step_dir,
+                                              step_name)
 
 logger = logging.getLogger(__name__)
-
-MANIFEST = manifest.MANIFEST
-STATE = manifest.STATE
 
 
 class Checkpointer:
@@ -81,7 +81,7 @@ class Checkpointer:
         self._barrier()
         run_async = self.cfg.checkpoint.async_save and not diagnostic
         state = self._state(step, consumed_samples) if self.rank == 0 else None
-        finish = state_save.collect(self.engine, self.cfg, tmp, self.rank, copy=run_async)
+        finish = write_shards.collect(self.engine, self.cfg, tmp, self.rank, copy=run_async)
         if run_async:
             self._thread = threading.Thread(target=self._complete_async, args=(finish, tmp, name, state, step),
                                             name=f"megalm-save-{step}", daemon=True)
@@ -114,9 +114,9 @@ class Checkpointer:
         gathered = comm.all_gather_object(reports, group=self._group) if self._group is not None else [reports]
         if self.rank == 0:
             merged = {rel: rep for r in gathered for rel, rep in r.items()}
-            state["tensor_index"] = state_save.tensor_index(merged)
+            state["tensor_index"] = write_shards.tensor_index(merged)
             publish(self.root, tmp, name, state, self.tokenizer_path, update_latest=not diagnostic,
-                    reports=state_save.strip_reports(merged))
+                    reports=write_shards.strip_reports(merged))
             if not diagnostic:
                 self._prune(step)
             logger.info(f"saved checkpoint {os.path.join(self.root, name)}")
@@ -124,8 +124,6 @@ class Checkpointer:
             comm.barrier(group=self._group)
 
     def _state(self, step: int, consumed_samples: int) -> dict:
-        from megalm.training import ds_state
-
         ds = self.engine.ds
         return {
             "step": step,
@@ -167,22 +165,19 @@ class Checkpointer:
                 logger.info(f"checkpoint.resume={how}: this run has saved since it started from there; "
                             f"continuing from its own {own}")
             return own
-        from megalm.training.universal import resolve_step_dir
-
         if not os.path.isdir(how):
             raise CheckpointError(f"checkpoint.resume={how!r}: no such checkpoint directory")
         return resolve_step_dir(how)
 
     def load(self) -> tuple[int, int]:
         """Restore the newest checkpoint (if any); return (step, consumed_samples)."""
-        from megalm.training import ds_state
-        from megalm.training.universal import load_into_engine, read_state
+        from megalm.training.checkpoint.restore import load_into_engine
 
         path = self.resolve_resume()
         if path is None:
             return 0, 0
         mode = self.cfg.checkpoint.verify
-        verify(path, only=[manifest.STATE_FILE], mode=mode)
+        verify(path, only=[STATE_FILE], mode=mode)
         state = read_state(path)
         saved = (state["tensor"], state["pipeline"], state["world_size"], state["zero_stage"])
         now = (self.cfg.parallel.tensor, self.cfg.parallel.pipeline, self.world_size, self.cfg.zero.stage)
