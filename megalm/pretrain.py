@@ -209,8 +209,9 @@ def _write_run_info(cfg, engine, rank: int, world: int) -> None:
     import torch
 
     from megalm.parallel import comm
+    from megalm.training import ds_state
 
-    local = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in engine.ds.module.parameters())
+    local = sum(ds_state.local_numel(p) for p in engine.ds.module.parameters())
     counts = comm.all_gather_object(int(local))
     if rank == 0:
         info = {"world_size": world, "tensor": cfg.parallel.tensor, "pipeline": cfg.parallel.pipeline,

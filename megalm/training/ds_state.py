@@ -11,7 +11,8 @@ ranks for ZeRO). Private names used: ``engine._take_model_step`` (wrapped, to
 decide a step's fate after accumulation), ``engine._step_applied`` and
 ``engine._global_grad_norm`` (set as DeepSpeed itself sets them), the optimizers'
 ``_lazy_init_hp_params_optimizer_state`` / ``_hp_optimizer_states_linked`` and
-``PipelineModule._layer_specs``. Re-check these names when DeepSpeed moves.
+``PipelineModule._layer_specs``; parameter attributes DeepSpeed sets: ``ds_id``, ``ds_shape``,
+``ds_tensor`` (ZeRO-3), ``ds_pipe_replicated`` (tied pipeline copies). Re-check these names when DeepSpeed moves.
 """
 
 from __future__ import annotations
@@ -27,6 +28,16 @@ _SCALER_FIELDS = ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis
 
 def is_zero3(p: torch.nn.Parameter) -> bool:
     return hasattr(p, "ds_id")
+
+
+def is_pipe_replicated(p: torch.nn.Parameter) -> bool:
+    """A tied pipeline parameter's copy on a stage that does not own it (DeepSpeed marks them)."""
+    return bool(getattr(p, "ds_pipe_replicated", False))
+
+
+def local_numel(p: torch.nn.Parameter) -> int:
+    """The elements of ``p`` this rank holds (ZeRO-3 keeps only its partition in ``ds_tensor``)."""
+    return p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()
 
 
 def full_shape(p: torch.nn.Parameter) -> tuple[int, ...]:
