@@ -20,9 +20,9 @@ if __name__ == "__main__":  # run as a file: don't let megalm/ shadow top-level 
     sys.path = [p for p in sys.path if os.path.abspath(p or ".") != _here]
     sys.path.insert(0, os.path.dirname(_here))
 
-import argparse  # noqa: E402
-import logging  # noqa: E402
-from typing import Optional  # noqa: E402
+import argparse
+import logging
+from typing import Optional
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:

@@ -1,7 +1,5 @@
 """Resharding through the layout-independent shards: TP2xPP2 -> TP1xPP1 -> TP2xPP1 keeps the loss."""
 
-import os
-
 import pytest
 
 from megalm.training.checkpoint.paths import read_state, resolve_step_dir
