@@ -122,7 +122,7 @@ def _run(args: argparse.Namespace, rank: int, world: int, info: dict, preempt) -
     from megalm.model.compile import resolve_compile
     from megalm.objectives import build_objective
     from megalm.training.checkpoint.manager import Checkpointer
-    from megalm.training.data import build_iterators, open_datasets
+    from megalm.training.batches import build_iterators, open_datasets
     from megalm.training.engine import build_engine
     from megalm.training.trainer import build_trainer
 
