@@ -114,7 +114,7 @@ def my_tensors(engine, cfg) -> dict[str, torch.Tensor]:
     from megalm.parallel import state
     from megalm.training import ds_state
     from megalm.training.param_names import model_param_names
-    from megalm.training.state_save import plan
+    from megalm.training.checkpoint.write_shards import plan
 
     out = {}
     for it in plan(model_param_names(engine, cfg), state.tensor_rank(), engine.dp_size):
@@ -144,7 +144,7 @@ def main(argv=None) -> int:
     a = parse(argv)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from megalm import distributed
-    from megalm.training.checkpoint import Checkpointer
+    from megalm.training.checkpoint.manager import Checkpointer
 
     distributed.init()
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -164,7 +164,7 @@ def main(argv=None) -> int:
 
     from safetensors.torch import load_file, save_file
 
-    from megalm.training import checksum
+    from megalm.training.checkpoint import checksum
 
     floor_dir = os.path.join(root, "floor")
     os.makedirs(floor_dir, exist_ok=True)
@@ -195,7 +195,7 @@ def main(argv=None) -> int:
             results["floor_save"].append(timed(floor_save))
         base = PeakRSS.now()
         rss = PeakRSS().start()
-        results["save"].append(timed(lambda: ck.save(step)))
+        results["save"].append(timed(lambda: ck.save(step, 0)))
         results["save_rss"].append(rss.stop() - base)
         if not r % 2:
             results["floor_save"].append(timed(floor_save))
@@ -210,7 +210,7 @@ def main(argv=None) -> int:
         base = PeakRSS.now()
         rss = PeakRSS().start()
         t0 = time.perf_counter()
-        results["async_stall"].append(timed(lambda: ck.save(step)))
+        results["async_stall"].append(timed(lambda: ck.save(step, 0)))
         ck.wait()
         dist.barrier()
         results["async_total"].append(time.perf_counter() - t0)

@@ -65,7 +65,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         code = int(module.main(ns.args) or 0)
     except MegalmError as e:
         print(f"megalm {ns.command}: error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code
     if ns.command == "train":
         module.exit_without_teardown(code)  # a finished job exits with its own code (see there)
     return code

@@ -64,7 +64,8 @@ def load_model(checkpoint: str, step: Optional[int] = None, tensor: int = 1,
     from megalm.model import build_model
     from megalm.model.tp_layout import shard_state_dict
     from megalm.parallel import state
-    from megalm.training.universal import read_full_weights, resolve_step_dir
+    from megalm.training.checkpoint.paths import resolve_step_dir
+    from megalm.training.checkpoint.read_shards import read_full_weights
 
     step_dir = resolve_step_dir(checkpoint, step)
     cfg, vocab, weights = read_full_weights(step_dir)

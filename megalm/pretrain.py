@@ -5,8 +5,9 @@
     python megalm/pretrain.py ...                            (one process)
 
 Exit codes: 0 done; 75 preempted or out of time, checkpoint saved (requeue me);
-2 a user error (config, data, checkpoint) explained on stderr; 3 too many
-non-finite steps (diagnostic checkpoint saved).
+otherwise the ``exit_code`` of the megalm error explained on stderr: 2 a user
+error (config, data, checkpoint), 3 too many non-finite steps (diagnostic
+checkpoint saved).
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ if __name__ == "__main__":  # run as a file: don't let megalm/ shadow top-level 
     sys.path = [p for p in sys.path if os.path.abspath(p or ".") != _here]
     sys.path.insert(0, os.path.dirname(_here))
 
-import argparse  # noqa: E402
-import logging  # noqa: E402
-from typing import Optional  # noqa: E402
+import argparse
+import logging
+from typing import Optional
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
@@ -77,7 +78,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     if args.check:
         return _check_only(args)
-    from megalm.training.loop import Preemption
+    from megalm.training.stop_rules import Preemption
 
     preempt = Preemption()  # first: Slurm may signal while we are still starting up
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if _has_cuda() else "cpu")
@@ -94,7 +95,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     except MegalmError as e:
         print(f"megalm: error: {e}" if rank == 0 else f"[rank {rank}] megalm: error: {e}", file=sys.stderr)
         distributed.shutdown(barrier=False)
-        return 3 if "non-finite" in str(e) else 2
+        return e.exit_code
     except BaseException:
         log.exception("training failed")
         distributed.shutdown(barrier=False)
@@ -120,10 +121,10 @@ def _run(args: argparse.Namespace, rank: int, world: int, info: dict, preempt) -
     from megalm.errors import ConfigError
     from megalm.model.compile import resolve_compile
     from megalm.objectives import build_objective
-    from megalm.training.checkpoint import Checkpointer
-    from megalm.training.data import build_iterators, open_datasets
+    from megalm.training.checkpoint.manager import Checkpointer
+    from megalm.training.batches import build_iterators, open_datasets
     from megalm.training.engine import build_engine
-    from megalm.training.loop import run
+    from megalm.training.trainer import build_trainer
 
     cfg, ds_config = C.resolve(args.config, args.overrides, args.ds_config, world)
     _setup_logging(rank, cfg.run.log_level)
@@ -149,11 +150,11 @@ def _run(args: argparse.Namespace, rank: int, world: int, info: dict, preempt) -
     _write_run_info(cfg, engine, rank, world)
     checkpointer = Checkpointer(cfg, engine, rank, world, tokenizer_path=cfg.data.tokenizer)
     start_step, consumed = checkpointer.load()
-    train_batches, valid_batches, test_batches = build_iterators(cfg, tokenizer, objective, consumed, engine.dp_rank,
-                                                                 engine.dp_size, datasets)
+    train, valid, test = build_iterators(cfg, tokenizer, objective, consumed, engine.dp_rank, engine.dp_size, datasets)
+    trainer = build_trainer(cfg, engine=engine, objective=objective, checkpointer=checkpointer, train=train,
+                            valid=valid, test=test, device=device(), world_size=world, rank=rank, preemption=preempt)
     try:
-        return run(cfg, engine, objective, train_batches, valid_batches, checkpointer, start_step, consumed,
-                   device(), world, rank, preempt, test_batches=test_batches)
+        return trainer.train(start_step, consumed)
     finally:
         checkpointer.wait()  # an async save in flight is published before the job exits (preempted or done)
 
@@ -208,8 +209,9 @@ def _write_run_info(cfg, engine, rank: int, world: int) -> None:
     import torch
 
     from megalm.parallel import comm
+    from megalm.training import ds_state
 
-    local = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in engine.ds.module.parameters())
+    local = sum(ds_state.local_numel(p) for p in engine.ds.module.parameters())
     counts = comm.all_gather_object(int(local))
     if rank == 0:
         info = {"world_size": world, "tensor": cfg.parallel.tensor, "pipeline": cfg.parallel.pipeline,

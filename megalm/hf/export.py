@@ -1,6 +1,6 @@
 """``megalm convert-to-hf``: a checkpoint of any TP/PP/ZeRO layout -> a transformers directory (weights + tokenizer).
 
-Reads the layout-independent weights every checkpoint carries (megalm.training.universal),
+Reads the layout-independent weights every checkpoint carries (megalm.training.checkpoint.read_shards),
 maps them with megalm.hf.mapping (vocabulary padding cut), loads them strictly into
 the HF class so nothing is silently left at its random init, and saves with
 ``save_pretrained`` (safetensors, sharded with an index above --max-shard-size).
@@ -188,7 +188,8 @@ def export(checkpoint: str, output: str, step: Optional[int] = None, dtype: str 
 
     from megalm.hf import mapping
     from megalm.hf.tokenizer import save_tokenizer
-    from megalm.training.universal import read_full_weights, resolve_step_dir
+    from megalm.training.checkpoint.paths import resolve_step_dir
+    from megalm.training.checkpoint.read_shards import read_full_weights
 
     if dtype not in DTYPES:
         raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")

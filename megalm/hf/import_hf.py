@@ -89,7 +89,7 @@ def import_hf(model_dir: str, output: str, overrides: Optional[list] = None, ste
     """Write a megalm checkpoint under ``output`` from ``model_dir``, and ``output``/continue.yaml to train
     it on (extending ``preset``: "default" picks the family's, None none); returns the step directory."""
     from megalm.hf import mapping
-    from megalm.training.universal import write_checkpoint
+    from megalm.training.checkpoint.from_weights import write_checkpoint
 
     hf = read_hf_config(model_dir)
     cls = hf_class_of(hf, model_dir)
@@ -149,7 +149,7 @@ def _model_tokenizer(model_dir: str, ours: bool) -> Optional[str]:
 
 def _refuse_existing_run(root: str) -> None:
     """An import must never repoint ``latest`` of a run that is training into ``root``."""
-    from megalm.training.manifest import list_steps
+    from megalm.training.checkpoint.paths import list_steps
 
     if os.path.exists(os.path.join(root, "latest")) or list_steps(root):
         raise CheckpointError(f"{root} already holds checkpoints (a run's 'latest' or step_* directories); "

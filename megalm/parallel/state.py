@@ -93,7 +93,7 @@ def initialize(tensor: int, pipeline: int = 1) -> None:
 def initialize_from_grid(grid: Any) -> None:
     """Adopt DeepSpeed's ``PipelineParallelGrid``; its TP group is the *slice* group, not the model group."""
     global _GROUPS
-    topo = grid._topo if hasattr(grid, "_topo") else grid.topology()
+    topo = grid.topology()
     me = dist.get_rank()
     coord = topo.get_coord(me)
     tp_group = grid.get_slice_parallel_group()

@@ -1,4 +1,4 @@
-"""Every touch of DeepSpeed's optimizer internals that checkpoints need, in one place.
+"""Every touch of DeepSpeed's internals in megalm, in one place: optimizer state, step hook, counters.
 
 Checked against DeepSpeed 0.19.8 (torch 2.13): ZeRO-0 fp32 hands the client torch
 optimizer through; bf16 without ZeRO wraps it in ``BF16_Optimizer`` (fp32 flat
@@ -7,12 +7,17 @@ partitions in ``fp32_groups_flat_partition``); ZeRO-1/2 in
 ``DeepSpeedZeroOptimizer_Stage3`` (``fp32_partitioned_groups_flat``). The full
 fp32 value and Adam moments of one parameter go through the public
 ``deepspeed.utils.safe_{get,set}_full_*`` helpers (collective over data-parallel
-ranks for ZeRO). Re-check these names when DeepSpeed moves.
+ranks for ZeRO). Private names used: ``engine._take_model_step`` (wrapped, to
+decide a step's fate after accumulation), ``engine._step_applied`` and
+``engine._global_grad_norm`` (set as DeepSpeed itself sets them), the optimizers'
+``_lazy_init_hp_params_optimizer_state`` / ``_hp_optimizer_states_linked`` and
+``PipelineModule._layer_specs``; parameter attributes DeepSpeed sets: ``ds_id``, ``ds_shape``,
+``ds_tensor`` (ZeRO-3), ``ds_pipe_replicated`` (tied pipeline copies). Re-check these names when DeepSpeed moves.
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -23,6 +28,16 @@ _SCALER_FIELDS = ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis
 
 def is_zero3(p: torch.nn.Parameter) -> bool:
     return hasattr(p, "ds_id")
+
+
+def is_pipe_replicated(p: torch.nn.Parameter) -> bool:
+    """A tied pipeline parameter's copy on a stage that does not own it (DeepSpeed marks them)."""
+    return bool(getattr(p, "ds_pipe_replicated", False))
+
+
+def local_numel(p: torch.nn.Parameter) -> int:
+    """The elements of ``p`` this rank holds (ZeRO-3 keeps only its partition in ``ds_tensor``)."""
+    return p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()
 
 
 def full_shape(p: torch.nn.Parameter) -> tuple[int, ...]:
@@ -177,3 +192,59 @@ def set_engine_counters(ds: Any, counters: dict, step: int, consumed: int) -> No
         sched.last_epoch = last - 1
         sched.step()  # sets the optimizer's learning rates exactly as the uninterrupted run did
     set_scaler_state(ds, counters.get("loss_scaler"))
+
+
+# ------------------------------------------------------------------ the optimizer step and its counters
+
+def wrap_model_step(ds: Any, skip: Callable[[], bool]) -> None:
+    """Call ``skip()`` right before each optimizer step (after accumulation, after DeepSpeed's own
+    reductions); when it returns True the step is not taken and is booked as DeepSpeed books an fp16
+    overflow (no update, no LR step, ``skipped_steps += 1``)."""
+    original = ds._take_model_step
+
+    def take_model_step(*args, **kwargs):
+        if skip():
+            _book_skipped_step(ds)
+            return None
+        return original(*args, **kwargs)
+
+    ds._take_model_step = take_model_step
+
+
+def _book_skipped_step(ds: Any) -> None:
+    if ds.zero_optimization() or ds.fp16_enabled() or ds.bfloat16_enabled():
+        ds.optimizer.zero_grad()
+    else:
+        ds.zero_grad()
+    ds._step_applied = False
+    ds.skipped_steps += 1
+    ds.losses = None
+    ds.global_steps += 1
+    ds.global_samples += ds.train_batch_size()
+
+
+def set_global_grad_norm(ds: Any, norm: float) -> None:
+    """Report megalm's own gradient norm through ``get_global_grad_norm`` (as DeepSpeed's optimizers do)."""
+    ds._global_grad_norm = norm
+
+
+def skipped_steps(ds: Any) -> int:
+    """Steps DeepSpeed did not apply (fp16 overflows and megalm's non-finite skips) since the run began."""
+    return int(getattr(ds, "skipped_steps", 0))
+
+
+def loss_scale(ds: Any) -> Optional[float]:
+    """The fp16 loss scale now (None where the optimizer has none)."""
+    opt = getattr(ds, "optimizer", None)
+    for attr in ("cur_scale", "loss_scale"):
+        value = getattr(opt, attr, None)
+        if isinstance(value, (int, float)):
+            return float(value)
+        if torch.is_tensor(value):
+            return float(value.item())
+    return None
+
+
+def pipeline_layer_specs(module: Any) -> list:
+    """The LayerSpecs a ``deepspeed.pipe.PipelineModule`` was built from, in order."""
+    return module._layer_specs

@@ -8,14 +8,14 @@ pipeline schedule.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from megalm.config import Config
 from megalm.objectives.base import Objective
-from megalm.training.guard import NonFiniteGuard, install
+from megalm.training.nonfinite import NonFiniteGuard, install
 from megalm.training.schedule import scheduler_factory
 
 logger = logging.getLogger(__name__)
@@ -33,10 +33,9 @@ class Engine:
     is_first_stage: bool
     objective: Objective
     guard: NonFiniteGuard
-    last_metrics: dict = field(default_factory=dict)  # the objective's extra numbers of the last step
 
     def loss(self, output: Any, targets: tuple) -> torch.Tensor:
-        """The objective's loss, watched for non-finite values (see megalm.training.guard)."""
+        """The objective's loss, watched for non-finite values (see megalm.training.nonfinite)."""
         loss = self.objective.loss(output, targets)
         self.guard.observe(loss)
         return loss
@@ -74,6 +73,33 @@ def megalm_clips(cfg: Config) -> bool:
     return cfg.precision == "fp32" and cfg.zero.stage == 0
 
 
+def _pipeline_module(cfg: Config, vocab_size: int, objective: Objective, guard: NonFiniteGuard, world: int):
+    """The model's pipeline stages as a ``deepspeed.pipe.PipelineModule`` on megalm's TP x PP x DP grid."""
+    from deepspeed.pipe import PipelineModule
+    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+
+    from megalm.model import pipeline_layers
+
+    tp, pp = cfg.parallel.tensor, cfg.parallel.pipeline
+    topo = PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=world // (tp * pp))
+
+    def loss_fn(output, targets):
+        loss = objective.loss(output, targets)
+        guard.observe(loss)
+        return loss
+
+    return PipelineModule(
+        layers=pipeline_layers(cfg, vocab_size, **objective.model_kwargs()),
+        num_stages=pp,
+        topology=topo,
+        loss_fn=loss_fn,
+        # "uniform": the same number of Transformer blocks per stage (Megatron's split), not of
+        # pipe layers — a 2-block model on 2 stages would otherwise leave the last stage only the head.
+        partition_method="type:BlockPipe" if cfg.parallel.pipeline_partition == "uniform" else "parameters",
+        activation_checkpoint_interval=0,  # blocks checkpoint themselves (train.activation_checkpointing)
+    )
+
+
 def build_engine(cfg: Config, ds_config: dict, vocab_size: int, objective: Objective) -> Engine:
     """Initialise TP/PP/DP groups, build the model (or its pipeline stages) and wrap it in DeepSpeed."""
     import deepspeed
@@ -84,7 +110,7 @@ def build_engine(cfg: Config, ds_config: dict, vocab_size: int, objective: Objec
     if megalm_clips(cfg):
         ds_config = {**ds_config, "gradient_clipping": 0.0}
 
-    from megalm.model import build_model, pipeline_layers
+    from megalm.model import build_model
     from megalm.model.compile import apply_compile
     from megalm.parallel import state
 
@@ -98,33 +124,14 @@ def build_engine(cfg: Config, ds_config: dict, vocab_size: int, objective: Objec
     model_parallel_seed(cfg.train.seed)
     total_iters = cfg.train.iters
     if pp > 1:
-        from deepspeed.pipe import PipelineModule
-        from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
-
-        topo = PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=world // (tp * pp))
-
-        def loss_fn(output, targets):
-            loss = objective.loss(output, targets)
-            guard.observe(loss)
-            return loss
-
-        module = PipelineModule(
-            layers=pipeline_layers(cfg, vocab_size, **objective.model_kwargs()),
-            num_stages=pp,
-            topology=topo,
-            loss_fn=loss_fn,
-            # "uniform": the same number of Transformer blocks per stage (Megatron's split), not of
-            # pipe layers — a 2-block model on 2 stages would otherwise leave the last stage only the head.
-            partition_method="type:BlockPipe" if cfg.parallel.pipeline_partition == "uniform" else "parameters",
-            activation_checkpoint_interval=0,  # blocks checkpoint themselves (train.activation_checkpointing)
-        )
+        module = _pipeline_module(cfg, vocab_size, objective, guard, world)
         apply_compile(module, cfg.train.compile)
         ds, *_ = deepspeed.initialize(
             model=module, optimizer=_optimizer(cfg, module), lr_scheduler=scheduler_factory(cfg.optim, total_iters),
             config=ds_config,
         )
         install(ds, guard, clip)
-        grid = module._grid
+        grid = ds.grid
         if (grid.get_slice_parallel_rank(), grid.get_data_parallel_rank(), grid.get_stage_id()) != (
                 state.tensor_rank(), state.data_rank(), state.pipeline_rank()):
             raise RuntimeError("megalm's rank layout disagrees with DeepSpeed's pipeline grid (a megalm bug)")

@@ -16,10 +16,11 @@ from typing import Iterable
 import torch
 
 from megalm.parallel import comm
+from megalm.training import ds_state
 
 
 def counts_once(p: torch.nn.Parameter, tensor_rank: int) -> bool:
-    if getattr(p, "ds_pipe_replicated", False):
+    if ds_state.is_pipe_replicated(p):
         return False
     return bool(getattr(p, "tensor_model_parallel", False)) or tensor_rank == 0
 

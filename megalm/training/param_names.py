@@ -24,10 +24,11 @@ def model_param_names(engine: Any, cfg: Config, replicated: bool = False) -> dic
     from deepspeed.pipe import TiedLayerSpec
 
     from megalm.model.pipeline import pipeline_name_prefixes
+    from megalm.training.ds_state import is_pipe_replicated, pipeline_layer_specs
 
     prefixes = pipeline_name_prefixes(cfg)
     tie_first = {}
-    for i, spec in enumerate(module._layer_specs):
+    for i, spec in enumerate(pipeline_layer_specs(module)):
         if isinstance(spec, TiedLayerSpec) and spec.key not in tie_first:
             tie_first[spec.key] = i
     out = {}
@@ -35,7 +36,7 @@ def model_param_names(engine: Any, cfg: Config, replicated: bool = False) -> dic
         head, rest = name.split(".", 1)
         if head == "tied_modules":
             key, rest = rest.split(".", 1)
-            if getattr(p, "ds_pipe_replicated", False) and not replicated:
+            if is_pipe_replicated(p) and not replicated:
                 continue  # the owner stage writes it
             out[prefixes[tie_first[key]] + rest] = p
         else:

@@ -47,7 +47,7 @@ def perturbed_weights(cfg, vocab: int) -> dict:
 
 
 def make_checkpoint(root, kind: str, tokenizer: str, **model) -> str:
-    from megalm.training.universal import write_checkpoint
+    from megalm.training.checkpoint.from_weights import write_checkpoint
 
     cfg = make_cfg(kind, tokenizer, **model)
     write_checkpoint(str(root), cfg, VOCAB_PIECES, perturbed_weights(cfg, VOCAB_PIECES), tokenizer_path=tokenizer)

@@ -81,7 +81,7 @@ def test_bert_exports_as_pretraining_and_masked_lm(exported):
 def megalm_model_bert(ckpt):
     from megalm.generate import for_inference, repad
     from megalm.model import build_model
-    from megalm.training.universal import read_full_weights
+    from megalm.training.checkpoint.read_shards import read_full_weights
 
     cfg, vocab, w = read_full_weights(ckpt)
     cfg = for_inference(cfg, 1)
@@ -147,7 +147,7 @@ def test_round_trip_is_bit_identical(exported, tmp_path, kind):
     for name in a:
         assert a[name].dtype == b[name].dtype == torch.float32
         assert torch.equal(a[name].view(torch.int32), b[name].view(torch.int32)), name
-    from megalm.training.universal import read_full_weights
+    from megalm.training.checkpoint.read_shards import read_full_weights
 
     cfg, vocab, w = read_full_weights(str(tmp_path / "ckpt"))
     assert (cfg.parallel.tensor, cfg.parallel.pipeline, vocab) == (2, 2, 600)

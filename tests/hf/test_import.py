@@ -65,7 +65,7 @@ def test_bert_masked_lm_gets_a_fresh_binary_head(tmp_path):
     import_hf(str(tmp_path / "hf"), str(tmp_path / "ck"), ["model.seq_length=64"])
     from megalm.generate import for_inference, repad
     from megalm.model import build_model
-    from megalm.training.universal import read_full_weights
+    from megalm.training.checkpoint.read_shards import read_full_weights
 
     cfg, vocab, w = read_full_weights(str(tmp_path / "ck"))
     assert cfg.objective.name == "mlm" and cfg.model.arch == "bert"

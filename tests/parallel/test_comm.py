@@ -129,8 +129,9 @@ def fake_accelerator_group(monkeypatch):
 def test_control_values_are_reduced_on_the_served_device(fake_accelerator_group):
     """The preemption and skip flags, the DP-mean of losses/metrics and the grad norm (today's call sites)."""
     from megalm.training import grad_norm
-    from megalm.training.guard import NonFiniteGuard
-    from megalm.training.loop import Preemption, _dp_mean
+    from megalm.training.nonfinite import NonFiniteGuard
+    from megalm.training.step import dp_mean as _dp_mean
+    from megalm.training.stop_rules import Preemption
 
     preempt = Preemption()
     guard = NonFiniteGuard()

@@ -14,7 +14,7 @@ import sys
 import pytest
 
 from megalm.errors import CheckpointError
-from megalm.training import manifest
+from megalm.training.checkpoint import manifest
 from tests.training.conftest import ROOT, losses, run_pretrain
 
 # ~13M parameters: the size for the bytes-per-parameter check
@@ -181,7 +181,7 @@ def test_streamed_shard_is_plain_safetensors_and_hashed_while_written(tmp_path):
     import torch
     from safetensors import safe_open
 
-    from megalm.training.shard_writer import ShardWriter
+    from megalm.training.checkpoint.shard_writer import ShardWriter
 
     tensors = {"a": torch.randn(3, 5), "b/exp_avg": torch.arange(7, dtype=torch.float32),
                "c": torch.tensor([1, 2], dtype=torch.bfloat16)}
@@ -190,7 +190,7 @@ def test_streamed_shard_is_plain_safetensors_and_hashed_while_written(tmp_path):
     for k, v in tensors.items():
         w.write(k, v)
     size, digest = w.close()
-    from megalm.training import checksum
+    from megalm.training.checkpoint import checksum
 
     assert size == os.path.getsize(path) and digest == checksum.of_file(path)
     with safe_open(path, framework="pt") as f:
@@ -205,7 +205,8 @@ def test_export_reads_only_verified_weights(tmp_path):
     import torch
 
     from megalm import config as C
-    from megalm.training.universal import read_full_weights, write_checkpoint
+    from megalm.training.checkpoint.from_weights import write_checkpoint
+    from megalm.training.checkpoint.read_shards import read_full_weights
 
     cfg = C.load(None, [])
     step_dir = write_checkpoint(str(tmp_path), cfg, 100, {"w": torch.ones(4, 4), "b": torch.zeros(4)})
@@ -227,7 +228,9 @@ def test_written_checkpoint_records_the_tp_split(tmp_path):
 
     from megalm import config as C
     from megalm.model import padded_vocab_size
-    from megalm.training.universal import ShardReader, read_state, tensor_index, write_checkpoint
+    from megalm.training.checkpoint.from_weights import write_checkpoint
+    from megalm.training.checkpoint.paths import read_state
+    from megalm.training.checkpoint.read_shards import ShardReader, tensor_index
 
     cfg = C.load(None, ["model.hidden_size=8", "model.num_heads=2", "parallel.tensor=2"])
     rows = padded_vocab_size(100, cfg)

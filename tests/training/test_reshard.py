@@ -1,10 +1,8 @@
 """Resharding through the layout-independent shards: TP2xPP2 -> TP1xPP1 -> TP2xPP1 keeps the loss."""
 
-import os
-
 import pytest
 
-from megalm.training import universal
+from megalm.training.checkpoint.paths import read_state, resolve_step_dir
 from tests.training.conftest import losses, run_pretrain
 
 pytestmark = pytest.mark.slow
@@ -19,10 +17,10 @@ def test_reshard_round_trip_keeps_loss(tiny_data, tmp_path):
     a = tmp_path / "a"
     run_pretrain(tiny_data, a, nproc=4, overrides=base + ["parallel.tensor=2", "parallel.pipeline=2",
                                                           "train.exit_interval=4"])
-    assert universal.read_state(universal.resolve_step_dir(str(a / "checkpoints")))["step"] == 4
+    assert read_state(resolve_step_dir(str(a / "checkpoints")))["step"] == 4
     _, _, err = run_pretrain(tiny_data, a, nproc=1, overrides=base + ["train.exit_interval=8"], launcher="python")
     assert "resharded" in err and "optimizer state carried over" in err
-    assert universal.read_state(universal.resolve_step_dir(str(a / "checkpoints")))["step"] == 8
+    assert read_state(resolve_step_dir(str(a / "checkpoints")))["step"] == 8
     _, final, _ = run_pretrain(tiny_data, a, nproc=2, overrides=base + ["parallel.tensor=2"])
     got = losses(final)
     assert len(got) == len(ref_losses)

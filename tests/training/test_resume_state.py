@@ -4,7 +4,7 @@ requeue."""
 
 import pytest
 
-from megalm.training import universal
+from megalm.training.checkpoint.paths import read_state, resolve_step_dir
 from tests.training.conftest import losses, run_pretrain
 from tests.training.test_resume import _start, _wait_for_step, kill9
 
@@ -39,19 +39,19 @@ def test_async_save_kill9_then_resume_is_bit_identical(tiny_data, tmp_path):
     _wait_for_step(proc, run_dir, 7)
     kill9(proc)
     # whatever the kill interrupted, latest names a complete, verifiable checkpoint
-    step_dir = universal.resolve_step_dir(str(run_dir / "checkpoints"))
-    from megalm.training.manifest import verify
+    step_dir = resolve_step_dir(str(run_dir / "checkpoints"))
+    from megalm.training.checkpoint.manifest import verify
 
     verify(step_dir)
     _, resumed, _ = run_pretrain(tiny_data, run_dir, nproc=2, overrides=over)
     assert losses(resumed) == losses(ref)
-    assert universal.read_state(universal.resolve_step_dir(str(run_dir / "checkpoints")))["step"] == 12
+    assert read_state(resolve_step_dir(str(run_dir / "checkpoints")))["step"] == 12
 
 
 def test_resume_from_path_then_requeue_continues_from_own_checkpoint(tiny_data, tmp_path):
     src = tmp_path / "src"
     run_pretrain(tiny_data, src, overrides=BASE + ["train.exit_interval=4"], launcher="python")
-    start = universal.resolve_step_dir(str(src / "checkpoints"))
+    start = resolve_step_dir(str(src / "checkpoints"))
     over = BASE + [f"checkpoint.resume={start}"]
     run_pretrain(tiny_data, tmp_path / "b", overrides=over + ["train.exit_interval=6", "checkpoint.interval=2"],
                  launcher="python")

@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from megalm.training import checksum
+from megalm.training.checkpoint import checksum
 
 _DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
            torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",

@@ -1,6 +1,6 @@
 """Checkpoints that never lose work: one layout-free copy of the state, parallel writes, exact resume.
 
-Every rank streams its share of the state (state_save) into ``<root>/.tmp-step_N``,
+Every rank streams its share of the state (write_shards) into ``<root>/.tmp-step_N``,
 hashing and fsyncing what it writes; rank 0 gathers the ranks' reports into
 MANIFEST.json, renames the directory to ``<root>/step_N`` and only then points
 ``<root>/latest`` at it (manifest.publish). A kill at any moment leaves the
@@ -24,13 +24,13 @@ import megalm
 from megalm.config import Config
 from megalm.errors import CheckpointError
 from megalm.parallel import comm
-from megalm.training import manifest, state_save
-from megalm.training.manifest import latest_path, list_steps, publish, step_name, verify  # noqa: F401 (API)
+from megalm.training import ds_state
+from megalm.training.checkpoint import write_shards
+from megalm.training.checkpoint.manifest import publish, verify
+from megalm.training.checkpoint.paths import (STATE_FILE, latest_path, list_steps, read_state, resolve_step_dir,
+                                              step_name)
 
 logger = logging.getLogger(__name__)
-
-MANIFEST = manifest.MANIFEST
-STATE = manifest.STATE
 
 
 class Checkpointer:
@@ -43,7 +43,7 @@ class Checkpointer:
         self.world_size = world_size
         self.root = cfg.checkpoint_dir
         self.tokenizer_path = tokenizer_path
-        self.consumed_samples = 0
+        self.saved_step: Optional[int] = None  # the step this process saved last
         self.last_stall_s = 0.0  # how long the last save held the step loop
         self._thread: Optional[threading.Thread] = None
         self._error: Optional[BaseException] = None
@@ -55,9 +55,22 @@ class Checkpointer:
 
     # ------------------------------------------------------------------ save
 
-    def save(self, step: int, diagnostic: bool = False) -> str:
+    def maybe_save(self, step: int, consumed_samples: int) -> None:
+        """The periodic save: every ``checkpoint.interval`` steps, short of the last (save_at_end covers it)."""
+        every = self.cfg.checkpoint.interval
+        if every and step % every == 0 and step < self.cfg.train.iters:
+            self.save(step, consumed_samples)
+
+    def ensure_saved(self, step: int, consumed_samples: int) -> None:
+        """Save ``step`` unless this process has just saved it (a stop right after a periodic save)."""
+        if self.saved_step != step:
+            self.save(step, consumed_samples)
+
+    def save(self, step: int, consumed_samples: int, diagnostic: bool = False) -> str:
         """Write a checkpoint of ``step`` (async when ``checkpoint.async_save``); return its final path."""
         t0 = time.perf_counter()
+        if not diagnostic:
+            self.saved_step = step
         self.wait()
         name = step_name(step) + ("-diagnostic" if diagnostic else "")
         tmp = os.path.join(self.root, ".tmp-" + name)
@@ -67,8 +80,8 @@ class Checkpointer:
             os.makedirs(os.path.join(tmp, "megalm"))
         self._barrier()
         run_async = self.cfg.checkpoint.async_save and not diagnostic
-        state = self._state(step) if self.rank == 0 else None
-        finish = state_save.collect(self.engine, self.cfg, tmp, self.rank, copy=run_async)
+        state = self._state(step, consumed_samples) if self.rank == 0 else None
+        finish = write_shards.collect(self.engine, self.cfg, tmp, self.rank, copy=run_async)
         if run_async:
             self._thread = threading.Thread(target=self._complete_async, args=(finish, tmp, name, state, step),
                                             name=f"megalm-save-{step}", daemon=True)
@@ -101,22 +114,20 @@ class Checkpointer:
         gathered = comm.all_gather_object(reports, group=self._group) if self._group is not None else [reports]
         if self.rank == 0:
             merged = {rel: rep for r in gathered for rel, rep in r.items()}
-            state["tensor_index"] = state_save.tensor_index(merged)
+            state["tensor_index"] = write_shards.tensor_index(merged)
             publish(self.root, tmp, name, state, self.tokenizer_path, update_latest=not diagnostic,
-                    reports=state_save.strip_reports(merged))
+                    reports=write_shards.strip_reports(merged))
             if not diagnostic:
                 self._prune(step)
             logger.info(f"saved checkpoint {os.path.join(self.root, name)}")
         if self._group is not None:
             comm.barrier(group=self._group)
 
-    def _state(self, step: int) -> dict:
-        from megalm.training import ds_state
-
+    def _state(self, step: int, consumed_samples: int) -> dict:
         ds = self.engine.ds
         return {
             "step": step,
-            "consumed_samples": self.consumed_samples,
+            "consumed_samples": consumed_samples,
             "world_size": self.world_size,
             "tensor": self.cfg.parallel.tensor,
             "pipeline": self.cfg.parallel.pipeline,
@@ -154,22 +165,19 @@ class Checkpointer:
                 logger.info(f"checkpoint.resume={how}: this run has saved since it started from there; "
                             f"continuing from its own {own}")
             return own
-        from megalm.training.universal import resolve_step_dir
-
         if not os.path.isdir(how):
             raise CheckpointError(f"checkpoint.resume={how!r}: no such checkpoint directory")
         return resolve_step_dir(how)
 
     def load(self) -> tuple[int, int]:
         """Restore the newest checkpoint (if any); return (step, consumed_samples)."""
-        from megalm.training import ds_state
-        from megalm.training.universal import load_into_engine, read_state
+        from megalm.training.checkpoint.restore import load_into_engine
 
         path = self.resolve_resume()
         if path is None:
             return 0, 0
         mode = self.cfg.checkpoint.verify
-        verify(path, only=[manifest.STATE_FILE], mode=mode)
+        verify(path, only=[STATE_FILE], mode=mode)
         state = read_state(path)
         saved = (state["tensor"], state["pipeline"], state["world_size"], state["zero_stage"])
         now = (self.cfg.parallel.tensor, self.cfg.parallel.pipeline, self.world_size, self.cfg.zero.stage)
@@ -179,7 +187,6 @@ class Checkpointer:
         carried = load_into_engine(self.engine, self.cfg, path, state, mode, rng_rank=self.rank if same else None)
         step, consumed = int(state["step"]), int(state["consumed_samples"])
         ds_state.set_engine_counters(self.engine.ds, state.get("engine", {}), step, consumed)
-        self.consumed_samples = consumed
         if self.rank == 0:
             if same:
                 logger.info(f"resumed from {path} at step {step} ({consumed} samples consumed)")

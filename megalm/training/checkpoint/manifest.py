@@ -1,4 +1,4 @@
-"""Checkpoint directories on disk: names, the verified MANIFEST.json, the atomic publish and ``latest``.
+"""A checkpoint directory's MANIFEST.json: verification, and the atomic publish that ends with ``latest``.
 
 A step is written into ``<root>/.tmp-step_N``; each rank hashes the files it wrote
 while writing them and reports (size, checksum); rank 0 writes MANIFEST.json from
@@ -11,26 +11,18 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shutil
 from typing import Callable, Iterable, Optional
 
 import megalm
 from megalm.errors import CheckpointError
-from megalm.training import checksum
-from megalm.training.shard_writer import write_hashed
+from megalm.training.checkpoint import checksum
+from megalm.training.checkpoint.paths import MANIFEST, STATE_FILE, latest_path_or_none
+from megalm.training.checkpoint.shard_writer import write_hashed
 
 logger = logging.getLogger(__name__)
 
-STEP_RE = re.compile(r"^step_(\d+)$")
-MANIFEST = "MANIFEST.json"
-STATE = "megalm_state.json"
-STATE_FILE = os.path.join("megalm", STATE)
 VERIFY_MODES = ("full", "size", "none")
-
-
-def step_name(step: int) -> str:
-    return f"step_{step:08d}"
 
 
 def fsync_dir(path: str) -> None:
@@ -50,25 +42,6 @@ def _matches(full: str, meta: dict) -> bool:
 def _mismatch(full: str, meta: dict) -> str:
     name = checksum.display(checksum.algorithm_of(meta))
     return f"{full} does not match its checksum ({name}) in {MANIFEST} (modified or corrupt)"
-
-
-def list_steps(root: str) -> list[int]:
-    if not os.path.isdir(root):
-        return []
-    return sorted(int(m.group(1)) for n in os.listdir(root) if (m := STEP_RE.match(n)))
-
-
-def latest_path(root: str) -> Optional[str]:
-    """The checkpoint ``latest`` names, or None when the root holds none."""
-    pointer = os.path.join(root, "latest")
-    if not os.path.exists(pointer):
-        return None
-    with open(pointer) as f:
-        name = f.read().strip()
-    path = os.path.join(root, name)
-    if not STEP_RE.match(name) or not os.path.isdir(path):
-        raise CheckpointError(f"{pointer} names {name!r}, which is not a checkpoint directory in {root}")
-    return path
 
 
 def _all_files(root: str) -> list[str]:
@@ -211,13 +184,6 @@ def publish(root: str, tmp: str, name: str, state: dict, tokenizer_path: Optiona
     if update_latest:
         write_pointer(root, name)
     return final
-
-
-def latest_path_or_none(root: str) -> Optional[str]:
-    try:
-        return latest_path(root)
-    except CheckpointError:
-        return None
 
 
 def _exchange(a: str, b: str) -> None:
