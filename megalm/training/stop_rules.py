@@ -68,14 +68,18 @@ class ExitInterval:
 
 
 class ExitDuration:
-    """``train.exit_duration_minutes``: stop (exit 75) once this process has trained that long."""
+    """``train.exit_duration_minutes``: stop (exit 75) once the job has trained that long.
+
+    Each rank times itself, and ranks start and finish steps a little apart: the verdict is agreed (one
+    all-reduce per step, only when the limit is set), or one rank would save while the others stepped on.
+    """
 
     def __init__(self, minutes: Optional[float]):
         self.minutes = minutes
         self.started = time.time()
 
     def check(self, step: int) -> Optional[Stop]:
-        if self.minutes and (time.time() - self.started) / 60 >= self.minutes:
+        if self.minutes and comm.any_rank((time.time() - self.started) / 60 >= self.minutes):
             return Stop(EXIT_PREEMPTED, f"train.exit_duration_minutes reached at step {step}: checkpoint saved")
         return None
 

@@ -128,3 +128,19 @@ def test_fp16_skips_with_a_finite_loss_do_not_count():
     ds = trainer.runner.ds
     trainer.runner.on_step = lambda s: setattr(ds, "skipped_steps", ds.skipped_steps + 1)  # scaler calibrating
     assert trainer.train(0, 0) == 0 and ckpt.saves == [(6, 24, False)]  # the final save, no diagnostic
+
+
+def _exit_duration_verdicts(rank, world_size):
+    rule = ExitDuration(minutes=1.0)
+    if rank == 1:
+        rule.started -= 61  # this rank started (or runs) a little ahead: only its clock is past the limit
+    stop = rule.check(5)
+    return None if stop is None else stop.code
+
+
+@pytest.mark.slow
+def test_exit_duration_is_agreed_by_every_rank():
+    """Each rank times itself; a rank that stopped alone would save while the others stepped on (a hang)."""
+    from tests.harness import run_ranks
+
+    assert run_ranks(_exit_duration_verdicts, 2) == [EXIT_PREEMPTED, EXIT_PREEMPTED]
