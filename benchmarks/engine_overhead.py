@@ -26,7 +26,7 @@ def engine_step(a):
 
     import megalm.config as C
     from megalm import distributed
-    from megalm.model import build_model
+    from megalm.build import build_model
     from megalm.parallel import state
     from megalm.parallel.cross_entropy import vocab_parallel_cross_entropy
     from megalm.training.engine import param_groups

@@ -70,7 +70,7 @@ def make_cfg(a: argparse.Namespace):
 
 
 def ours(a: argparse.Namespace, dtype: torch.dtype, mode: str = "none", inputs: dict | None = None) -> tuple:
-    from megalm.model import build_model
+    from megalm.build import build_model
     from megalm.model.compile import apply_compile
     from megalm.parallel import fused
     from megalm.parallel.cross_entropy import vocab_parallel_cross_entropy

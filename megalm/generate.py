@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from megalm import environment
 from megalm.config import Config, ParallelConfig
@@ -45,7 +44,7 @@ def for_inference(cfg: Config, tensor: int) -> Config:
 
 def repad(weights: dict, vocab_size: int, cfg: Config) -> dict:
     """Full weights with their vocabulary rows re-padded for ``cfg``'s TP degree (padding is layout-dependent)."""
-    from megalm.model import padded_vocab_size
+    from megalm.build import padded_vocab_size
 
     padded = padded_vocab_size(vocab_size, cfg)
     out = {}
@@ -61,8 +60,8 @@ def load_model(checkpoint: str, step: Optional[int] = None, tensor: int = 1,
                device: Optional[torch.device] = None) -> tuple:
     """(model shard for this TP rank in eval mode, inference cfg, vocab size, tokenizer path or None)."""
     from megalm.hf.export import tokenizer_path
-    from megalm.model import build_model
-    from megalm.model.tp_layout import shard_state_dict
+    from megalm.build import build_model
+    from megalm.tp_layout import shard_state_dict
     from megalm.parallel import state
     from megalm.training.checkpoint.paths import resolve_step_dir
     from megalm.training.checkpoint.read_shards import read_full_weights
@@ -85,43 +84,24 @@ def load_model(checkpoint: str, step: Optional[int] = None, tensor: int = 1,
 
 # ---------------------------------------------------------------- incremental forward
 
-def _attend(block, x: torch.Tensor, rope: Optional[tuple], cache: list, i: int, start: int) -> torch.Tensor:
-    """Self-attention of the new positions over cache + themselves; appends to the cache."""
-    from megalm.model.attention import AttnContext
-
-    att = block.attention
-    q, k, v = att.project(x, AttnContext(causal=True, rope=rope))
-    if cache[i] is not None:
-        k, v = torch.cat([cache[i][0], k], dim=2), torch.cat([cache[i][1], v], dim=2)
-    cache[i] = (k, v)
-    n, total = q.size(2), k.size(2)
-    mask = None
-    if n > 1:  # query j (absolute start + j) sees keys 0 .. start + j
-        mask = torch.arange(total, device=x.device)[None, :] <= (start + torch.arange(n, device=x.device))[:, None]
-    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=att.kv_heads != att.heads)
-    b, h, s, d = o.shape
-    return att.out(o.transpose(1, 2).reshape(b, s, h * d))
-
-
 @torch.no_grad()
 def forward_step(model, ids: torch.Tensor, start: int, cache: list) -> torch.Tensor:
-    """Full-vocabulary logits [b, V] of the last of ``ids`` (positions start ..), updating ``cache``."""
-    from megalm.model.positions import rope_cos_sin
+    """Full-vocabulary logits [b, V] of the last of ``ids`` (positions start ..), through the model's own blocks.
+
+    ``cache`` holds one (keys, values) entry per block (None before the first step) and is extended in place.
+    """
+    from megalm.model.attention import KVCache
+    from megalm.model.context import contexts
     from megalm.parallel import state
 
-    m = model.cfg.model
     b, n = ids.shape
     pos = torch.arange(start, start + n, device=ids.device).unsqueeze(0).expand(b, n)
     h = model.embedding(ids, pos)
-    rope = (rope_cos_sin(pos, m.hidden_size // m.num_heads, m.rope_base, h.dtype, m.rope_scaling)
-            if m.position == "rope" else None)
+    ctx, _ = contexts(model.m, b, n, ids.device, h.dtype, {"position_ids": pos}, past=start)
     for i, block in enumerate(model.layers):
-        if block.post:
-            h = block.attn_norm(h + _attend(block, h, rope, cache, i, start))
-            h = block.mlp_norm(h + block.mlp(h))
-        else:
-            h = h + _attend(block, block.attn_norm(h), rope, cache, i, start)
-            h = h + block.mlp(block.mlp_norm(h))
+        kv = KVCache(cache[i])
+        h = block(h, ctx, cache=kv)
+        cache[i] = kv.kv
     logits = model.logits(h[:, -1:])[:, 0]
     if state.tensor_size() > 1:
         from megalm.parallel.mappings import gather_from_tensor_region
@@ -153,7 +133,7 @@ def generate(model, prompt_ids: list, max_new_tokens: int, sampling: Sampling = 
     """Prompt + new token ids (stops early after ``eos_id``); the prompt plus output must fit max_positions."""
     from megalm.parallel import state
 
-    m = model.cfg.model
+    m = model.m
     if not prompt_ids:
         raise ConfigError("generate needs a non-empty prompt (give --prompt text, or a bos token)")
     limit = m.max_positions if m.position == "learned" else None

@@ -163,7 +163,7 @@ def _fill_binary_head(state: dict, cfg, vocab: int) -> dict:
     if all(k in state for k in need) or cfg.objective.binary_head == "none":
         return state
     from megalm.hf import mapping
-    from megalm.model import build_model
+    from megalm.build import build_model
 
     ref = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, tensor=1, pipeline=1))
     fresh, _, _ = mapping.to_hf(build_model(ref, vocab).state_dict(), ref, vocab, mapping.BERT)

@@ -1,7 +1,7 @@
 """megalm <-> Hugging Face weights: names, layouts and configs for Llama, GPT-2 and BERT.
 
 Works on *full* (TP-gathered, TP=1) megalm state dicts; ``shard_state_dict`` /
-``gather_state_dicts`` (re-exported from megalm.model.tp_layout) convert to and
+``gather_state_dicts`` (re-exported from megalm.tp_layout) convert to and
 from per-rank shards. The padded vocabulary is cut to the true size on export
 and re-padded with zero rows on import. Configs an HF class cannot represent
 exactly are refused with a ConfigError naming the feature.
@@ -15,7 +15,7 @@ import torch
 
 from megalm.config import ROPE_SCALING_KEYS, Config, ModelConfig
 from megalm.errors import ConfigError
-from megalm.model.tp_layout import gather_state_dicts, shard_state_dict, tp_rule  # noqa: F401  (re-export)
+from megalm.tp_layout import gather_state_dicts, shard_state_dict, tp_rule  # noqa: F401  (re-export)
 
 LLAMA, GPT2, BERT = "LlamaForCausalLM", "GPT2LMHeadModel", "BertForPreTraining"
 
@@ -243,7 +243,7 @@ def to_hf(state: Mapping[str, torch.Tensor], cfg: Config, vocab_size: int, cls: 
 
 def from_hf(hf_state: Mapping[str, torch.Tensor], cfg: Config, vocab_size: int, cls: str | None = None) -> dict:
     """A full megalm state dict (vocabulary padded with zero rows) from an HF state dict."""
-    from megalm.model import padded_vocab_size
+    from megalm.build import padded_vocab_size
 
     cls = cls or hf_class(cfg)
     _check(cfg, cls)

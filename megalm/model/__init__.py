@@ -1,50 +1,40 @@
-"""The model family built from megalm.parallel layers: GPT (decoder), BERT (encoder), PLM two-stream hooks.
+"""The model family built from megalm.parallel layers: GPT (decoder), BERT (encoder), PLM two-stream path.
 
-``build_model`` gives a plain nn.Module; ``pipeline_layers`` the same model as
-a flat list of DeepSpeed LayerSpecs. Both draw every weight from
-``cfg.train.seed`` by parameter name, so they (and any TP degree) agree.
+Everything here reads only ``ModelConfig`` and the layout in ``megalm.parallel.state``
+(TP degree, sequence parallelism). What an objective asks of the model (a query
+stream, a binary head, the pipeline's inputs) comes in as arguments; the seed
+and recomputation are applied from outside (``init_weights``, ``apply_recompute``).
+``megalm.build`` turns a whole Config into these calls.
 """
 
 from __future__ import annotations
 
 import torch
 
-from megalm.config import Config
+from megalm.config import ModelConfig
 from megalm.errors import ConfigError
 
 
-def padded_vocab_size(vocab_size: int, cfg: Config) -> int:
+def padded_vocab(vocab_size: int, m: ModelConfig, tensor: int) -> int:
     """Round up to a multiple of make_vocab_size_divisible_by x TP (Megatron's rule)."""
-    multiple = cfg.model.make_vocab_size_divisible_by * cfg.parallel.tensor
+    multiple = m.make_vocab_size_divisible_by * tensor
     return ((vocab_size + multiple - 1) // multiple) * multiple
 
 
-def build_model(cfg: Config, vocab_size: int) -> torch.nn.Module:
-    """This rank's shard of the model; call ``megalm.parallel.state.initialize`` first when TP > 1."""
-    from megalm.parallel import state
+def make_model(m: ModelConfig, vocab_size: int, padded: int, seed: int, query_stream: bool = False,
+               binary_head: bool = False) -> torch.nn.Module:
+    """This rank's shard of the model, weights drawn from ``seed`` by parameter name."""
+    from megalm.model.init import init_weights
 
-    if cfg.parallel.tensor != state.tensor_size():
-        raise ConfigError(
-            f"parallel.tensor={cfg.parallel.tensor} but the parallel state has tensor size {state.tensor_size()}; "
-            "call megalm.parallel.state.initialize(tensor, pipeline) first"
-        )
-    padded = padded_vocab_size(vocab_size, cfg)
-    if cfg.model.arch == "gpt":
+    if m.arch == "gpt":
         from megalm.model.gpt import GPTModel
 
-        return GPTModel(cfg, vocab_size, padded)
-    if cfg.model.arch == "bert":
+        return init_weights(GPTModel(m, vocab_size, padded, query_stream), m, vocab_size, seed)
+    if m.arch == "bert":
         from megalm.model.bert import BertModel
 
-        return BertModel(cfg, vocab_size, padded)
-    raise ConfigError(f"model.arch must be gpt or bert, got {cfg.model.arch!r}")
+        return init_weights(BertModel(m, vocab_size, padded, binary_head), m, vocab_size, seed)
+    raise ConfigError(f"model.arch must be gpt or bert, got {m.arch!r}")
 
 
-def pipeline_layers(cfg: Config, vocab_size: int, inputs=None) -> list:
-    """The model as a flat list of deepspeed.pipe LayerSpec/TiedLayerSpec (see megalm.model.pipeline)."""
-    from megalm.model.pipeline import pipeline_layers as _impl
-
-    return _impl(cfg, vocab_size, inputs)
-
-
-__all__ = ["build_model", "padded_vocab_size", "pipeline_layers"]
+__all__ = ["make_model", "padded_vocab"]

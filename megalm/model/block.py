@@ -1,7 +1,9 @@
 """One Transformer layer (pre-LN or post-LN), with an optional second "query" stream (XLNet two-stream).
 
 The query stream g shares every weight with the content stream h: its queries
-come from g, keys/values from h, under its own mask.
+come from g, keys/values from h, under its own mask. ``recompute`` ("none" |
+"full", set from outside by ``megalm.model.recompute``) reruns the whole block
+in backward, RNG-correct, instead of storing its activations.
 """
 
 from __future__ import annotations
@@ -13,9 +15,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from megalm.config import ModelConfig
-from megalm.model.attention import Attention, AttnContext
+from megalm.model.attention import Attention, KVCache
+from megalm.model.context import AttnContext
 from megalm.model.mlp import MLP
 from megalm.model.norms import make_norm
+from megalm.parallel import state
 from megalm.parallel.random import checkpoint, get_tracker
 
 
@@ -30,15 +34,15 @@ def dropout(x: torch.Tensor, p: float, training: bool, split: bool) -> torch.Ten
 
 
 class Block(nn.Module):
-    def __init__(self, m: ModelConfig, layer: int, seed: int, sequence_parallel: bool = False,
-                 recompute_core: bool = False) -> None:
+    def __init__(self, m: ModelConfig) -> None:
         super().__init__()
         self.post = m.norm_position == "post"
-        self.p, self.sp = m.hidden_dropout, sequence_parallel
-        self.attn_norm = make_norm(m, sequence_parallel)
-        self.attention = Attention(m, layer, seed, sequence_parallel, recompute_core)
-        self.mlp_norm = make_norm(m, sequence_parallel)
-        self.mlp = MLP(m, layer, seed, sequence_parallel)
+        self.p, self.sp = m.hidden_dropout, state.sequence_parallel()
+        self.recompute = "none"
+        self.attn_norm = make_norm(m)
+        self.attention = Attention(m)
+        self.mlp_norm = make_norm(m)
+        self.mlp = MLP(m)
 
     def _drop(self, x: torch.Tensor) -> torch.Tensor:
         return dropout(x, self.p, self.training, self.sp)
@@ -48,14 +52,22 @@ class Block(nn.Module):
             return self.mlp_norm(x + self._drop(self.mlp(x)))
         return x + self._drop(self.mlp(self.mlp_norm(x)))
 
-    def forward(self, h: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
-        return self.step(h, ctx)
+    def forward(self, x, ctx: AttnContext, query_ctx: Optional[AttnContext] = None,
+                cache: Optional[KVCache] = None):
+        """h -> h, or (h, g) -> (h, g) with the query stream; ``cache`` extends a KV cache (generation)."""
+        full = self.recompute == "full" and self.training
+        if torch.is_tensor(x):
+            return checkpoint(self.step, x, ctx) if full else self.step(x, ctx, cache)
+        h, g = x
+        if full:
+            return checkpoint(self.forward_two_stream, h, g, ctx, query_ctx)
+        return self.forward_two_stream(h, g, ctx, query_ctx)
 
-    def step(self, h: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
+    def step(self, h: torch.Tensor, ctx: AttnContext, cache: Optional[KVCache] = None) -> torch.Tensor:
         if self.post:
-            h = self.attn_norm(h + self._drop(self.attention(h, ctx)))
+            h = self.attn_norm(h + self._drop(self.attention(h, ctx, cache)))
         else:
-            h = h + self._drop(self.attention(self.attn_norm(h), ctx))
+            h = h + self._drop(self.attention(self.attn_norm(h), ctx, cache))
         return self._ffn(h)
 
     def forward_two_stream(self, h: torch.Tensor, g: torch.Tensor, ctx: AttnContext,
@@ -72,13 +84,3 @@ class Block(nn.Module):
         else:
             h, g = h + self._drop(ah), g + self._drop(ag)
         return self._ffn(h), self._ffn(g)
-
-
-def run_block(block: Block, h: torch.Tensor, ctx: AttnContext, full_recompute: bool,
-              g: Optional[torch.Tensor] = None, query_ctx: Optional[AttnContext] = None):
-    """One block, optionally under RNG-correct full recomputation."""
-    if g is None:
-        return checkpoint(block.step, h, ctx) if full_recompute and block.training else block.step(h, ctx)
-    if full_recompute and block.training:
-        return checkpoint(block.forward_two_stream, h, g, ctx, query_ctx)
-    return block.forward_two_stream(h, g, ctx, query_ctx)

@@ -56,7 +56,7 @@ _warned: list = []
 
 
 def _compile_step(block: torch.nn.Module) -> None:
-    """Replace this instance's ``step`` (what ``run_block`` calls) by its compiled version, eager if that fails.
+    """Replace this instance's ``step`` (what ``Block.forward`` calls) by its compiled version, eager if that fails.
 
     An instance attribute, so parameter names, state dicts and checkpoints are unchanged.
     """

@@ -17,7 +17,7 @@ from megalm.model.block import dropout
 from megalm.model.norms import make_norm
 from megalm.model.positions import sinusoidal_table
 from megalm.parallel import state
-from megalm.parallel.layers import VocabParallelEmbedding, full_normal, mark_tensor_parallel, param_seed
+from megalm.parallel.layers import VocabParallelEmbedding, mark_tensor_parallel
 from megalm.parallel.mappings import (
     copy_to_tensor_region,
     gather_from_sequence_region,
@@ -26,33 +26,28 @@ from megalm.parallel.mappings import (
 
 
 class Embedding(nn.Module):
-    def __init__(self, m: ModelConfig, vocab_size: int, padded_vocab: int, seed: int,
-                 sequence_parallel: bool = False, two_stream: bool = False, output_bias: bool = False) -> None:
+    """Word (+ position, token-type) embeddings; ``query_stream`` adds XLNet's query-stream start vector,
+    ``output_bias`` BERT's MLM decoder bias (it lives with the tied word table: one pipeline layer owns both)."""
+
+    def __init__(self, m: ModelConfig, vocab_size: int, padded_vocab: int, query_stream: bool = False,
+                 output_bias: bool = False) -> None:
         super().__init__()
-        self.sp, self.p, self.position = sequence_parallel, m.hidden_dropout, m.position
-        self.word = VocabParallelEmbedding(padded_vocab, m.hidden_size, init_rows=vocab_size, init_std=m.init_std,
-                                           seed=param_seed(seed, "embedding.word.weight"),
-                                           sequence_parallel=sequence_parallel)
+        self.sp, self.p, self.position = state.sequence_parallel(), m.hidden_dropout, m.position
+        self.vocab_size = vocab_size
+        self.word = VocabParallelEmbedding(padded_vocab, m.hidden_size)
         if m.position == "learned":
             self.pos = nn.Embedding(m.max_positions, m.hidden_size)
-            self.pos.weight.data.copy_(full_normal(self.pos.weight.shape, m.init_std,
-                                                   param_seed(seed, "embedding.pos.weight")))
         elif m.position == "sinusoidal":
             self.register_buffer("sinusoid", sinusoidal_table(m.max_positions, m.hidden_size), persistent=False)
         if m.num_token_types:
             self.token_type = nn.Embedding(m.num_token_types, m.hidden_size)
-            self.token_type.weight.data.copy_(full_normal(self.token_type.weight.shape, m.init_std,
-                                                          param_seed(seed, "embedding.token_type.weight")))
-        self.norm = make_norm(m, sequence_parallel) if m.norm_position == "post" else None
-        if output_bias:  # BERT's MLM decoder bias lives with the tied word table (one pipeline layer owns both)
+        self.norm = make_norm(m) if m.norm_position == "post" else None
+        if output_bias:
             self.lm_bias = nn.Parameter(torch.zeros(padded_vocab // state.tensor_size()))
             mark_tensor_parallel(self.lm_bias, 0, (padded_vocab,))
         else:
             self.lm_bias = None
-        if two_stream:  # XLNet's query stream starts from one learned vector (+ position information)
-            self.query = nn.Parameter(full_normal((m.hidden_size,), m.init_std, param_seed(seed, "embedding.query")))
-        else:
-            self.query = None
+        self.query = nn.Parameter(torch.empty(m.hidden_size)) if query_stream else None
 
     def _extra(self, position_ids: torch.Tensor, token_type_ids: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         """Position + token-type embeddings for the full sequence (replicated), or None."""
@@ -71,8 +66,11 @@ class Embedding(nn.Module):
             x = self.norm(x)
         return dropout(x, self.p, self.training, self.sp)
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
+    def forward(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
                 token_type_ids: Optional[torch.Tensor] = None, two_stream: bool = False):
+        """h [b, s(/tp under SP), hidden], or (h, g) with the query stream g when ``two_stream``."""
+        if position_ids is None:
+            position_ids = default_position_ids(input_ids)
         h = self.word(input_ids)
         extra = self._extra(position_ids, token_type_ids)
         if extra is not None:
@@ -85,11 +83,15 @@ class Embedding(nn.Module):
         b, s = position_ids.shape
         q = self.query.view(1, 1, -1).expand(b, s, -1)
         if self.position in ("learned", "sinusoidal"):
-            pos = self._extra(position_ids, None)
-            q = q + pos
+            q = q + self._extra(position_ids, None)
         if self.sp:
             q = scatter_to_sequence_region(q)
         return h, self._finish(q)
+
+
+def default_position_ids(input_ids: torch.Tensor) -> torch.Tensor:
+    b, s = input_ids.shape
+    return torch.arange(s, device=input_ids.device).unsqueeze(0).expand(b, s)
 
 
 def vocab_logits(h: torch.Tensor, weight: torch.Tensor, vocab_size: int, sequence_parallel: bool,

@@ -1,8 +1,8 @@
 """The decoder-only GPT: embedding, blocks, final norm, vocab-parallel head (tied or not).
 
 Returns this TP rank's logits shard; the loss is ``vocab_parallel_cross_entropy``.
-Also carries the PLM (XLNet two-stream) path: ``two_stream=True`` returns the
-query stream's logits.
+Built with ``query_stream`` it also runs the PLM (XLNet two-stream) path: given
+``content_mask`` and ``query_mask`` it returns the query stream's logits.
 """
 
 from __future__ import annotations
@@ -12,50 +12,41 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from megalm.config import Config
-from megalm.model.attention import attention_context, build_mask, make_context
-from megalm.model.block import Block, run_block
-from megalm.model.embedding import Embedding, vocab_logits
+from megalm.config import ModelConfig
+from megalm.model.block import Block
+from megalm.model.context import contexts
+from megalm.model.embedding import Embedding, default_position_ids, vocab_logits  # noqa: F401  (re-export)
 from megalm.model.norms import make_norm
-from megalm.model.positions import rope_cos_sin
-from megalm.parallel.layers import ColumnParallelLinear, param_seed
+from megalm.parallel import state
+from megalm.parallel.layers import ColumnParallelLinear
 
 
-def default_position_ids(input_ids: torch.Tensor) -> torch.Tensor:
-    b, s = input_ids.shape
-    return torch.arange(s, device=input_ids.device).unsqueeze(0).expand(b, s)
+def final_norm(m: ModelConfig) -> Optional[nn.Module]:
+    """The norm after the last block (pre-LN models only)."""
+    return make_norm(m) if m.norm_position == "pre" else None
+
+
+def output_head(m: ModelConfig, padded_vocab: int) -> Optional[ColumnParallelLinear]:
+    """GPT's own output layer; None when it shares the word embedding."""
+    return None if m.tie_embeddings else ColumnParallelLinear(m.hidden_size, padded_vocab, bias=False)
+
+
+def run_blocks(blocks, x, ctx, query_ctx=None):
+    """h, or (h, g) with the query stream, through every block."""
+    for block in blocks:
+        x = block(x, ctx, query_ctx)
+    return x
 
 
 class GPTModel(nn.Module):
-    def __init__(self, cfg: Config, vocab_size: int, padded_vocab: int) -> None:
+    def __init__(self, m: ModelConfig, vocab_size: int, padded_vocab: int, query_stream: bool = False) -> None:
         super().__init__()
-        m, seed = cfg.model, cfg.train.seed
-        self.cfg, self.vocab_size, self.padded_vocab = cfg, vocab_size, padded_vocab
-        self.sp = cfg.parallel.sequence_parallel and cfg.parallel.tensor > 1
-        ckpt = cfg.train.activation_checkpointing
-        self.full_recompute = ckpt == "full"
-        two_stream = cfg.objective.name == "plm"
-        self.embedding = Embedding(m, vocab_size, padded_vocab, seed, self.sp, two_stream)
-        self.layers = nn.ModuleList(Block(m, i, seed, self.sp, ckpt == "selective") for i in range(m.num_layers))
-        self.final_norm = make_norm(m, self.sp) if m.norm_position == "pre" else None
-        if m.tie_embeddings:
-            self.head = None
-        else:
-            self.head = ColumnParallelLinear(m.hidden_size, padded_vocab, bias=False, init_std=m.init_std,
-                                             seed=param_seed(seed, "head.weight"), sequence_parallel=self.sp)
-
-    def contexts(self, input_ids: torch.Tensor, position_ids: torch.Tensor, segment_ids=None, attention_mask=None,
-                 content_mask=None, query_mask=None, dtype: torch.dtype = torch.float32) -> tuple:
-        m = self.cfg.model
-        b, s = input_ids.shape
-        rope = rope_cos_sin(position_ids, m.hidden_size // m.num_heads, m.rope_base, dtype, m.rope_scaling) \
-            if m.position == "rope" else None
-        if content_mask is not None or query_mask is not None:  # PLM: the masks say everything
-            ctx = make_context(build_mask(b, s, False, input_ids.device, attention_mask=content_mask), False, rope)
-            qctx = make_context(build_mask(b, s, False, input_ids.device, attention_mask=query_mask), False, rope)
-            return ctx, qctx
-        return attention_context(b, s, True, input_ids.device, rope, segment_ids=segment_ids,
-                                 attention_mask=attention_mask), None
+        self.m, self.vocab_size, self.padded_vocab = m, vocab_size, padded_vocab
+        self.sp = state.sequence_parallel()
+        self.embedding = Embedding(m, vocab_size, padded_vocab, query_stream)
+        self.layers = nn.ModuleList(Block(m) for _ in range(m.num_layers))
+        self.final_norm = final_norm(m)
+        self.head = output_head(m, padded_vocab)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         if self.final_norm is not None:
@@ -66,20 +57,14 @@ class GPTModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
                 segment_ids: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None,
                 content_mask: Optional[torch.Tensor] = None, query_mask: Optional[torch.Tensor] = None,
-                two_stream: bool = False) -> torch.Tensor:
-        if position_ids is None:
-            position_ids = default_position_ids(input_ids)
-        dtype = self.embedding.word.weight.dtype
-        ctx, qctx = self.contexts(input_ids, position_ids, segment_ids, attention_mask, content_mask, query_mask,
-                                  dtype)
-        if not two_stream:
-            h = self.embedding(input_ids, position_ids)
-            for layer in self.layers:
-                h = run_block(layer, h, ctx, self.full_recompute)
-            return self.logits(h)
-        if qctx is None:
+                two_stream: Optional[bool] = None) -> torch.Tensor:
+        """``two_stream`` (default: whether ``query_mask`` is given) returns the query stream's logits."""
+        two_stream = query_mask is not None if two_stream is None else two_stream
+        if two_stream and query_mask is None:
             raise ValueError("two_stream=True needs content_mask and query_mask")
-        h, g = self.embedding(input_ids, position_ids, two_stream=True)
-        for layer in self.layers:
-            h, g = run_block(layer, h, ctx, self.full_recompute, g, qctx)
-        return self.logits(g)
+        b, s = input_ids.shape
+        ctx, qctx = contexts(self.m, b, s, input_ids.device, self.embedding.word.weight.dtype,
+                             dict(position_ids=position_ids, segment_ids=segment_ids, attention_mask=attention_mask,
+                                  content_mask=content_mask, query_mask=query_mask))
+        x = run_blocks(self.layers, self.embedding(input_ids, position_ids, two_stream=two_stream), ctx, qctx)
+        return self.logits(x[1] if two_stream else x)

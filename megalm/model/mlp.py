@@ -8,21 +8,17 @@ import torch.nn.functional as F
 
 from megalm.config import ModelConfig
 from megalm.parallel.fused import fusable
-from megalm.parallel.layers import ColumnParallelLinear, RowParallelLinear, param_seed
+from megalm.parallel.layers import ColumnParallelLinear, RowParallelLinear
 
 
 class MLP(nn.Module):
-    def __init__(self, m: ModelConfig, layer: int, seed: int, sequence_parallel: bool = False) -> None:
+    def __init__(self, m: ModelConfig) -> None:
         super().__init__()
         self.swiglu = m.activation == "swiglu"
         f = m.ffn_size
         parts = (f, f) if self.swiglu else (f,)
-        name = f"layers.{layer}.mlp"
-        self.fc1 = ColumnParallelLinear(m.hidden_size, sum(parts), bias=m.bias, partitions=parts,
-                                        init_std=m.init_std, seed=param_seed(seed, name + ".fc1.weight"),
-                                        sequence_parallel=sequence_parallel)
-        self.fc2 = RowParallelLinear(f, m.hidden_size, bias=m.bias, init_std=m.init_std / (2.0 * m.num_layers) ** 0.5,
-                                     seed=param_seed(seed, name + ".fc2.weight"), sequence_parallel=sequence_parallel)
+        self.fc1 = ColumnParallelLinear(m.hidden_size, sum(parts), bias=m.bias, partitions=parts)
+        self.fc2 = RowParallelLinear(f, m.hidden_size, bias=m.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.fc1(x)

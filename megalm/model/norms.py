@@ -6,19 +6,23 @@ so its gradient is summed over TP ranks inside autograd; no hook is needed.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from megalm.config import ModelConfig
+from megalm.parallel import state
 from megalm.parallel.fused import fusable
 from megalm.parallel.layers import mark_sequence_parallel
 from megalm.parallel.mappings import copy_to_tensor_region
 
 
-class _Norm(nn.Module):
-    def __init__(self, hidden: int, eps: float, bias: bool, sequence_parallel: bool) -> None:
+class Norm(nn.Module):
+    def __init__(self, hidden: int, eps: float, bias: bool, sequence_parallel: Optional[bool]) -> None:
         super().__init__()
+        sequence_parallel = state.sequence_parallel() if sequence_parallel is None else sequence_parallel
         self.eps, self.sequence_parallel = eps, sequence_parallel
         self.weight = nn.Parameter(torch.ones(hidden))
         self.bias = nn.Parameter(torch.zeros(hidden)) if bias else None
@@ -33,8 +37,8 @@ class _Norm(nn.Module):
         return copy_to_tensor_region(self.weight), b
 
 
-class LayerNorm(_Norm):
-    def __init__(self, hidden: int, eps: float = 1e-5, sequence_parallel: bool = False) -> None:
+class LayerNorm(Norm):
+    def __init__(self, hidden: int, eps: float = 1e-5, sequence_parallel: Optional[bool] = None) -> None:
         super().__init__(hidden, eps, True, sequence_parallel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -42,10 +46,10 @@ class LayerNorm(_Norm):
         return F.layer_norm(x, (x.size(-1),), w, b, self.eps)
 
 
-class RMSNorm(_Norm):
+class RMSNorm(Norm):
     """x / rms(x) * w, computed in fp32 and cast back (as HF Llama does, so exports match)."""
 
-    def __init__(self, hidden: int, eps: float = 1e-5, sequence_parallel: bool = False) -> None:
+    def __init__(self, hidden: int, eps: float = 1e-5, sequence_parallel: Optional[bool] = None) -> None:
         super().__init__(hidden, eps, False, sequence_parallel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -60,6 +64,7 @@ def _rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     return F.rms_norm(x.float(), (x.size(-1),), None, eps).to(x.dtype) * w
 
 
-def make_norm(m: ModelConfig, sequence_parallel: bool = False) -> nn.Module:
+def make_norm(m: ModelConfig, sequence_parallel: Optional[bool] = None) -> nn.Module:
+    """model.norm over the hidden size; ``sequence_parallel`` None: the layout's (``parallel.state``)."""
     cls = LayerNorm if m.norm == "layernorm" else RMSNorm
     return cls(m.hidden_size, m.norm_eps, sequence_parallel)

@@ -1,149 +1,113 @@
-"""The model as a flat list of DeepSpeed pipe layers: embedding, blocks, final norm, head.
+"""The same model as a flat list of DeepSpeed pipe layers: embedding, blocks, final norm (GPT) | BERT head, head.
 
-Activations between layers are one tuple of tensors: ``(hidden, [query
-stream g,] *aux)`` where aux are the data iterator's input tensors after the
-first (``inputs`` names them, e.g. position_ids, segment_ids, masks). Masks and
-RoPE tables are rebuilt in every block from aux, so only tensors travel.
-Parameter names inside each layer equal build_model's under a prefix
-(``pipeline_name_prefixes``), and weights come from the same seeds.
+Each pipe layer *is* the model's module (a subclass that only adds the adapter's
+``forward``), so parameter names inside a layer equal build_model's under a prefix
+(``pipeline_name_prefixes``) and the init pass gives them the same weights.
+Activations between layers are one tuple of tensors: ``(hidden, [query stream g,]
+*inputs[1:])``: the first stage's named inputs travel on, so every block rebuilds
+its attention context (``megalm.model.context.contexts``) from tensors alone.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn as nn
 
-from megalm.config import Config
+from megalm.config import Config, ModelConfig
 from megalm.errors import ConfigError
-from megalm.model import padded_vocab_size
-from megalm.model.attention import attention_context, build_mask, make_context
-from megalm.model.bert import BertHead
-from megalm.model.block import Block, run_block
+from megalm.model.bert import BertHead, bert_logits
+from megalm.model.block import Block
+from megalm.model.context import contexts
 from megalm.model.embedding import Embedding, vocab_logits
-from megalm.model.gpt import default_position_ids
-from megalm.model.norms import make_norm
-from megalm.model.positions import rope_cos_sin
-from megalm.parallel.layers import ColumnParallelLinear, param_seed
+from megalm.model.gpt import final_norm, output_head
+from megalm.model.init import init_weights
+from megalm.parallel import state
 
 INPUT_NAMES = ("input_ids", "position_ids", "segment_ids", "attention_mask", "token_type_ids", "padding_mask",
                "content_mask", "query_mask")
 
 
-def default_inputs(cfg: Config) -> tuple:
-    """What the data iterator yields as the pipeline's input tuple, by objective."""
-    if cfg.model.arch == "bert":
-        return ("input_ids", "token_type_ids", "padding_mask")
-    if cfg.objective.name == "plm":
-        return ("input_ids", "position_ids", "content_mask", "query_mask")
-    if cfg.objective.reset_attention_mask:
-        return ("input_ids", "position_ids", "segment_ids")
-    return ("input_ids", "position_ids")
+class Acts:
+    """Packs and unpacks DeepSpeed's activation tuple: the stream(s), then the named inputs after input_ids."""
 
-
-def _sp(cfg: Config) -> bool:
-    return cfg.parallel.sequence_parallel and cfg.parallel.tensor > 1
-
-
-class _Layout:
-    def __init__(self, cfg: Config, inputs: Sequence[str]) -> None:
+    def __init__(self, inputs: Sequence[str], query_stream: bool) -> None:
         unknown = [n for n in inputs if n not in INPUT_NAMES]
         if unknown or not inputs or inputs[0] != "input_ids":
             raise ConfigError(f"pipeline inputs must start with input_ids and use only {INPUT_NAMES}; got {inputs}")
-        self.cfg, self.inputs = cfg, tuple(inputs)
-        self.two_stream = "query_mask" in inputs
-        self.aux_names = self.inputs[1:]
+        self.inputs, self.streams = tuple(inputs), 2 if query_stream else 1
 
-    def aux(self, acts: tuple) -> dict:
-        skip = 2 if self.two_stream else 1
-        return dict(zip(self.aux_names, acts[skip:]))
+    def split(self, acts: tuple) -> tuple:
+        """(h or (h, g), {input name: tensor})."""
+        x = acts[0] if self.streams == 1 else tuple(acts[:2])
+        return x, dict(zip(self.inputs[1:], acts[self.streams:]))
+
+    def join(self, x, acts: tuple) -> tuple:
+        return ((x,) if torch.is_tensor(x) else tuple(x)) + tuple(acts[self.streams:])
 
 
 class EmbeddingPipe(Embedding):
-    def __init__(self, cfg: Config, vocab_size: int, inputs: Sequence[str]) -> None:
-        self.layout = _Layout(cfg, inputs)
-        super().__init__(cfg.model, vocab_size, padded_vocab_size(vocab_size, cfg), cfg.train.seed, _sp(cfg),
-                         two_stream=self.layout.two_stream, output_bias=cfg.model.arch == "bert")
+    def __init__(self, m: ModelConfig, vocab_size: int, padded_vocab: int, acts: Acts, seed: int) -> None:
+        super().__init__(m, vocab_size, padded_vocab, query_stream=acts.streams == 2, output_bias=m.arch == "bert")
+        self.acts = acts
+        init_weights(self, m, vocab_size, seed, "embedding.")
 
     def forward(self, inputs):  # type: ignore[override]
         inputs = (inputs,) if torch.is_tensor(inputs) else tuple(inputs)
-        ids, aux = inputs[0], dict(zip(self.layout.aux_names, inputs[1:]))
-        pos = aux.get("position_ids")
-        pos = default_position_ids(ids) if pos is None else pos
-        out = super().forward(ids, pos, aux.get("token_type_ids"), two_stream=self.layout.two_stream)
-        out = (out,) if torch.is_tensor(out) else tuple(out)
+        named = dict(zip(self.acts.inputs, inputs))
+        x = super().forward(named["input_ids"], named.get("position_ids"), named.get("token_type_ids"),
+                            two_stream=self.acts.streams == 2)
         if self.lm_bias is not None:
             # The tied output bias is used only on the last stage; an exact-zero use here gives it a (zero)
             # gradient on the first stage too, so DeepSpeed's tied-gradient all-reduce runs on both stages
             # (it skips None grads, and one-sided collectives deadlock) and both copies stay identical.
-            out = (out[0] + 0.0 * self.lm_bias.sum().to(out[0].dtype), *out[1:])
-        return (*out, *inputs[1:])
+            x = x + 0.0 * self.lm_bias.sum().to(x.dtype)
+        return ((x,) if torch.is_tensor(x) else tuple(x)) + inputs[1:]
 
 
 class BlockPipe(Block):
-    def __init__(self, cfg: Config, layer: int, inputs: Sequence[str]) -> None:
-        self.layout = _Layout(cfg, inputs)
-        ckpt = cfg.train.activation_checkpointing
-        self.full_recompute = ckpt == "full"
-        super().__init__(cfg.model, layer, cfg.train.seed, _sp(cfg), ckpt == "selective")
-
-    def _contexts(self, h: torch.Tensor, aux: dict) -> tuple:
-        m = self.layout.cfg.model
-        pos = aux.get("position_ids")
-        if pos is None:
-            seq = h.size(1) * (self.layout.cfg.parallel.tensor if self.sp else 1)
-            pos = torch.arange(seq, device=h.device).unsqueeze(0).expand(h.size(0), seq)
-        b, s = pos.shape
-        rope = (rope_cos_sin(pos, m.hidden_size // m.num_heads, m.rope_base, h.dtype, m.rope_scaling)
-                if m.position == "rope" else None)
-        if self.layout.two_stream:
-            ctx = make_context(build_mask(b, s, False, h.device, attention_mask=aux["content_mask"]), False, rope)
-            qctx = make_context(build_mask(b, s, False, h.device, attention_mask=aux["query_mask"]), False, rope)
-            return ctx, qctx
-        causal = m.arch == "gpt"
-        return attention_context(b, s, causal, h.device, rope, segment_ids=aux.get("segment_ids"),
-                                 padding_mask=aux.get("padding_mask"), attention_mask=aux.get("attention_mask")), None
+    def __init__(self, m: ModelConfig, layer: int, acts: Acts, seed: int) -> None:
+        super().__init__(m)
+        self.m, self.acts = m, acts
+        init_weights(self, m, 0, seed, f"layers.{layer}.")
 
     def forward(self, acts):  # type: ignore[override]
-        aux = self.layout.aux(acts)
-        ctx, qctx = self._contexts(acts[0], aux)
-        if self.layout.two_stream:
-            h, g = run_block(self, acts[0], ctx, self.full_recompute, acts[1], qctx)
-            return (h, g, *acts[2:])
-        return (run_block(self, acts[0], ctx, self.full_recompute), *acts[1:])
+        x, named = self.acts.split(acts)
+        h = acts[0]
+        seq = h.size(1) * (state.tensor_size() if self.sp else 1)
+        ctx, qctx = contexts(self.m, h.size(0), seq, h.device, h.dtype, named)
+        return self.acts.join(super().forward(x, ctx, qctx), acts)
 
 
 class FinalNormPipe(nn.Module):
-    """GPT: final norm (pre-LN only) and drop the aux tensors; the output is the stream the head reads."""
+    """GPT: final norm (pre-LN only) and drop the inputs; the output is the stream the head reads."""
 
-    def __init__(self, cfg: Config, inputs: Sequence[str]) -> None:
+    def __init__(self, m: ModelConfig, acts: Acts) -> None:
         super().__init__()
-        self.layout = _Layout(cfg, inputs)
-        self.final_norm = make_norm(cfg.model, _sp(cfg)) if cfg.model.norm_position == "pre" else None
+        self.acts, self.final_norm = acts, final_norm(m)
 
     def forward(self, acts):
-        h = acts[1] if self.layout.two_stream else acts[0]
+        h = acts[self.acts.streams - 1]
         return self.final_norm(h) if self.final_norm is not None else h
 
 
 class HeadPipe(nn.Module):
     """GPT's untied output layer."""
 
-    def __init__(self, cfg: Config, vocab_size: int) -> None:
+    def __init__(self, m: ModelConfig, vocab_size: int, padded_vocab: int, seed: int) -> None:
         super().__init__()
-        self.vocab_size, self.sp = vocab_size, _sp(cfg)
-        self.head = ColumnParallelLinear(cfg.model.hidden_size, padded_vocab_size(vocab_size, cfg), bias=False,
-                                         init_std=cfg.model.init_std, seed=param_seed(cfg.train.seed, "head.weight"),
-                                         sequence_parallel=self.sp)
+        self.vocab_size, self.head = vocab_size, output_head(m, padded_vocab)
+        init_weights(self, m, vocab_size, seed)
 
     def forward(self, h):
-        return vocab_logits(h, self.head.weight, self.vocab_size, self.sp)
+        return vocab_logits(h, self.head.weight, self.vocab_size, state.sequence_parallel())
 
 
 class BertHeadPipe(BertHead):
-    def __init__(self, cfg: Config) -> None:
-        super().__init__(cfg, _sp(cfg))
+    def __init__(self, m: ModelConfig, binary_head: bool, seed: int) -> None:
+        super().__init__(m, binary_head)
+        init_weights(self, m, 0, seed, "head.")
 
     def forward(self, acts):  # type: ignore[override]
         x, binary = super().forward(acts[0])
@@ -151,50 +115,36 @@ class BertHeadPipe(BertHead):
 
 
 def _tied_gpt_head(emb: Embedding, h: torch.Tensor) -> torch.Tensor:
-    return vocab_logits(h, emb.word.weight, emb.vocab_size_true, emb.sp)
+    return vocab_logits(h, emb.word.weight, emb.vocab_size, emb.sp)
 
 
 def _tied_bert_head(emb: Embedding, acts: tuple):
-    logits = vocab_logits(acts[0], emb.word.weight, emb.vocab_size_true, False, emb.lm_bias)
-    return (logits, acts[1]) if len(acts) > 1 else (logits,)
+    return (bert_logits(emb, acts[0]), *acts[1:])
 
 
-class _TiedEmbeddingPipe(EmbeddingPipe):
-    def __init__(self, cfg: Config, vocab_size: int, inputs: Sequence[str]) -> None:
-        super().__init__(cfg, vocab_size, inputs)
-        self.vocab_size_true = vocab_size
-
-
-def pipeline_layers(cfg: Config, vocab_size: int, inputs: Optional[Sequence[str]] = None) -> list:
+def pipeline_layers(m: ModelConfig, vocab_size: int, padded_vocab: int, inputs: Sequence[str], seed: int,
+                    query_stream: bool = False, binary_head: bool = False) -> list:
     """LayerSpecs: [embedding, block 0..L-1, final norm (GPT) | BERT head, output head].
 
     GPT's last layer returns the logits shard; BERT's returns (mlm_logits,
     binary_logits) or (mlm_logits,) without a binary head. ``inputs`` names
-    the input tuple (default: ``default_inputs(cfg)``).
+    the first stage's input tuple.
     """
     from deepspeed.pipe import LayerSpec, TiedLayerSpec
 
-    inputs = tuple(inputs or default_inputs(cfg))
-    m = cfg.model
+    acts = Acts(inputs, query_stream)
+    emb_args = (EmbeddingPipe, m, vocab_size, padded_vocab, acts, seed)
+    tied_attr = ["word.weight", "lm_bias"] if m.arch == "bert" else "word.weight"
     tied = m.tie_embeddings or m.arch == "bert"
-    if tied:
-        specs: list = [TiedLayerSpec("embed", _TiedEmbeddingPipe, cfg, vocab_size, inputs, tied_weight_attr=
-                                     ["word.weight", "lm_bias"] if m.arch == "bert" else "word.weight")]
-    else:
-        specs = [LayerSpec(EmbeddingPipe, cfg, vocab_size, inputs)]
-    specs += [LayerSpec(BlockPipe, cfg, i, inputs) for i in range(m.num_layers)]
+    specs: list = [TiedLayerSpec("embed", *emb_args, tied_weight_attr=tied_attr) if tied else LayerSpec(*emb_args)]
+    specs += [LayerSpec(BlockPipe, m, i, acts, seed) for i in range(m.num_layers)]
     if m.arch == "bert":
-        specs.append(LayerSpec(BertHeadPipe, cfg))
-        specs.append(TiedLayerSpec("embed", _TiedEmbeddingPipe, cfg, vocab_size, inputs, forward_fn=_tied_bert_head,
-                                   tied_weight_attr=["word.weight", "lm_bias"]))
-        return specs
-    specs.append(LayerSpec(FinalNormPipe, cfg, inputs))
+        return specs + [LayerSpec(BertHeadPipe, m, binary_head, seed),
+                        TiedLayerSpec("embed", *emb_args, forward_fn=_tied_bert_head, tied_weight_attr=tied_attr)]
+    specs.append(LayerSpec(FinalNormPipe, m, acts))
     if tied:
-        specs.append(TiedLayerSpec("embed", _TiedEmbeddingPipe, cfg, vocab_size, inputs, forward_fn=_tied_gpt_head,
-                                   tied_weight_attr="word.weight"))
-    else:
-        specs.append(LayerSpec(HeadPipe, cfg, vocab_size))
-    return specs
+        return specs + [TiedLayerSpec("embed", *emb_args, forward_fn=_tied_gpt_head, tied_weight_attr=tied_attr)]
+    return specs + [LayerSpec(HeadPipe, m, vocab_size, padded_vocab, seed)]
 
 
 def pipeline_name_prefixes(cfg: Config) -> list:

@@ -7,6 +7,7 @@ class named as ``objective.name: my_pkg.my_module:MyObjective``.
 from __future__ import annotations
 
 import abc
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
@@ -15,14 +16,23 @@ import torch
 from megalm.config import Config
 
 
+@dataclass(frozen=True)
+class ModelNeeds:
+    """What an objective asks of the model: built with these extras, called with these named inputs."""
+
+    inputs: tuple[str, ...] = ("input_ids", "position_ids")  # model(**inputs); also the pipeline's tuple, in order
+    query_stream: bool = False  # XLNet's second (query) stream, returned as the logits (PLM)
+    binary_head: bool = False  # BERT's SOP/NSP head beside the MLM logits
+
+
 class Objective(abc.ABC):
     """One pretraining objective.
 
     ``dataset_kind`` says which samples it reads: ``"gpt"`` (contiguous token
     windows of seq_length+1) or ``"bert_pair"`` (sentence pairs A/B).
     ``collate`` runs in the data loader and must be vectorised over the batch.
-    ``inputs`` are the positional tensors the model (or the first pipeline
-    stage) takes; ``targets`` the tensors ``loss`` needs besides the output.
+    ``needs`` declares the model it trains and the batch keys passed to it by
+    name (``inputs``); ``targets`` are the tensors ``loss`` needs besides the output.
     """
 
     name: ClassVar[str] = ""
@@ -32,13 +42,22 @@ class Objective(abc.ABC):
         self.cfg = cfg
         self.tokenizer = tokenizer
 
+    @classmethod
+    def needs(cls, cfg: Config) -> ModelNeeds:
+        """The model this objective trains under ``cfg`` (a classmethod: the model is built before any data)."""
+        return ModelNeeds()
+
     @abc.abstractmethod
     def collate(self, samples: list[dict], rng: np.random.Generator) -> dict[str, torch.Tensor]:
         """Stack a micro-batch of dataset samples into tensors (masking etc. happens here)."""
 
-    @abc.abstractmethod
-    def inputs(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
-        """Positional arguments of the model's forward."""
+    def inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The model's keyword arguments: ``model(**objective.inputs(batch))``."""
+        return {n: batch[n] for n in self.needs(self.cfg).inputs}
+
+    def pipeline_inputs(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """The same tensors as the first pipeline stage's input tuple (DeepSpeed passes tensors, not names)."""
+        return tuple(self.inputs(batch).values())
 
     @abc.abstractmethod
     def targets(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
@@ -54,8 +73,4 @@ class Objective(abc.ABC):
 
     def metrics(self, output: Any, targets: tuple[torch.Tensor, ...]) -> dict[str, float]:
         """Extra per-micro-batch numbers worth logging beside the loss (e.g. MLM and SOP parts)."""
-        return {}
-
-    def model_kwargs(self) -> dict:
-        """Extra keyword arguments build_model needs for this objective (e.g. a query stream)."""
         return {}

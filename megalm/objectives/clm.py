@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from megalm.objectives.base import Objective
+from megalm.objectives.base import ModelNeeds, Objective
 
 
 def document_layout(input_ids: torch.Tensor, eod: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,10 +51,10 @@ class CausalLM(Objective):
             batch["segment_ids"] = segment_ids
         return batch
 
-    def inputs(self, batch):
-        if "segment_ids" in batch:
-            return batch["input_ids"], batch["position_ids"], batch["segment_ids"]
-        return batch["input_ids"], batch["position_ids"]
+    @classmethod
+    def needs(cls, cfg) -> ModelNeeds:
+        documents = ("segment_ids",) if cfg.objective.reset_attention_mask else ()
+        return ModelNeeds(inputs=("input_ids", "position_ids", *documents))
 
     def targets(self, batch):
         return batch["labels"], batch["loss_mask"]

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from megalm.errors import ConfigError
-from megalm.objectives.base import Objective
+from megalm.objectives.base import ModelNeeds, Objective
 
 MASK_SHARE, RANDOM_SHARE = 0.8, 0.1  # of the chosen tokens; the rest stay unchanged
 
@@ -146,8 +146,10 @@ class MaskedLM(Objective):
             "binary_labels": torch.tensor([int(x["is_random"]) for x in samples], dtype=torch.int64),
         }
 
-    def inputs(self, batch):
-        return batch["input_ids"], batch["token_type_ids"], batch["padding_mask"]
+    @classmethod
+    def needs(cls, cfg) -> ModelNeeds:
+        return ModelNeeds(inputs=("input_ids", "token_type_ids", "padding_mask"),
+                          binary_head=cfg.objective.binary_head != "none")
 
     def targets(self, batch):
         return batch["labels"], batch["loss_mask"], batch["binary_labels"]

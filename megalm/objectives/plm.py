@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from megalm.errors import ConfigError
-from megalm.objectives.base import Objective
+from megalm.objectives.base import ModelNeeds, Objective
 from megalm.objectives.clm import masked_token_loss
 
 
@@ -88,13 +88,9 @@ class PermutationLM(Objective):
             "order_rank": rank,
         }
 
-    def inputs(self, batch):
-        ids, pos, content, query = (batch["input_ids"], batch["position_ids"], batch["content_mask"],
-                                    batch["query_mask"])
-        if self.cfg.parallel.pipeline > 1:  # the pipeline's input tuple (model.pipeline.default_inputs)
-            return ids, pos, content, query
-        # GPTModel.forward(input_ids, position_ids, segment_ids, attention_mask, content_mask, query_mask, two_stream)
-        return ids, pos, None, None, content, query, True
+    @classmethod
+    def needs(cls, cfg) -> ModelNeeds:
+        return ModelNeeds(inputs=("input_ids", "position_ids", "content_mask", "query_mask"), query_stream=True)
 
     def targets(self, batch):
         return batch["labels"], batch["loss_mask"]

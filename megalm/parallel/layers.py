@@ -1,7 +1,8 @@
 """Column/row-parallel linear layers and the vocab-parallel embedding.
 
-Each rank holds a slice of a *full* weight that is generated from a seed and
-then cut, so a model starts identical whatever the TP degree. Split params
+Each rank holds a slice of a *full* weight; the model's one init pass
+(``megalm.model.init``) draws the full weight from a seed and cuts it, so a
+model starts identical whatever the TP degree. Layers allocate only. Split params
 carry the attributes DeepSpeed 0.19 reads (``tensor_model_parallel``,
 ``model_parallel``: counted on every TP rank in grad norms) plus ours
 (``partition_dim``, ``partitions``) for the full<->shard helpers.
@@ -73,6 +74,10 @@ def mark_tensor_parallel(p: nn.Parameter, dim: int, partitions: Sequence[int]) -
     p.partitions = tuple(int(x) for x in partitions)
 
 
+def _sp(flag: Optional[bool]) -> bool:
+    return state.sequence_parallel() if flag is None else flag
+
+
 def mark_sequence_parallel(p: nn.Parameter) -> None:
     """A replicated param used on sequence chunks; its grad is all-reduced over TP inside autograd."""
     p.sequence_parallel = True
@@ -87,17 +92,17 @@ class ColumnParallelLinear(nn.Module):
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, gather_output: bool = False,
-                 partitions: Optional[Sequence[int]] = None, init_std: float = 0.02, seed: Optional[int] = None,
-                 sequence_parallel: bool = False) -> None:
+                 partitions: Optional[Sequence[int]] = None, sequence_parallel: Optional[bool] = None) -> None:
         super().__init__()
-        tp, rank = state.tensor_size(), state.tensor_rank()
+        tp = state.tensor_size()
         partitions = tuple(partitions or (out_features,))
         if sum(partitions) != out_features:
             raise ValueError(f"partitions {partitions} do not add up to out_features {out_features}")
+        if any(p % tp for p in partitions):
+            raise ValueError(f"partitions {partitions} are not divisible by tensor-parallel size {tp}")
         self.in_features, self.out_features = in_features, out_features
-        self.gather_output, self.sequence_parallel = gather_output, sequence_parallel
-        full = full_normal((out_features, in_features), init_std, seed)
-        self.weight = nn.Parameter(shard(full, 0, partitions, rank, tp))
+        self.gather_output, self.sequence_parallel = gather_output, _sp(sequence_parallel)
+        self.weight = nn.Parameter(torch.empty(out_features // tp, in_features))
         mark_tensor_parallel(self.weight, 0, partitions)
         if bias:
             self.bias = nn.Parameter(torch.zeros(out_features // tp))
@@ -114,18 +119,19 @@ class ColumnParallelLinear(nn.Module):
 class RowParallelLinear(nn.Module):
     """Y = X A^T with A split by columns (input features); partial sums reduced, bias added once after."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, init_std: float = 0.02,
-                 seed: Optional[int] = None, sequence_parallel: bool = False) -> None:
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 sequence_parallel: Optional[bool] = None) -> None:
         super().__init__()
-        tp, rank = state.tensor_size(), state.tensor_rank()
+        tp = state.tensor_size()
+        if in_features % tp:
+            raise ValueError(f"in_features {in_features} is not divisible by tensor-parallel size {tp}")
         self.in_features, self.out_features = in_features, out_features
-        self.sequence_parallel = sequence_parallel
-        full = full_normal((out_features, in_features), init_std, seed)
-        self.weight = nn.Parameter(shard(full, 1, (in_features,), rank, tp))
+        self.sequence_parallel = _sp(sequence_parallel)
+        self.weight = nn.Parameter(torch.empty(out_features, in_features // tp))
         mark_tensor_parallel(self.weight, 1, (in_features,))
         if bias:
             self.bias = nn.Parameter(torch.zeros(out_features))
-            if sequence_parallel:
+            if self.sequence_parallel:
                 mark_sequence_parallel(self.bias)
         else:
             self.register_parameter("bias", None)
@@ -140,26 +146,18 @@ class RowParallelLinear(nn.Module):
 
 
 class VocabParallelEmbedding(nn.Module):
-    """Embedding table split by vocabulary rows; ids outside this rank's range contribute zeros.
+    """Embedding table split by vocabulary rows; ids outside this rank's range contribute zeros."""
 
-    Only the first ``init_rows`` rows (the true vocabulary) are drawn from the
-    seed; padding rows start at zero, so the init is independent of padding.
-    """
-
-    def __init__(self, num_embeddings: int, embedding_dim: int, init_rows: Optional[int] = None,
-                 init_std: float = 0.02, seed: Optional[int] = None, sequence_parallel: bool = False) -> None:
+    def __init__(self, num_embeddings: int, embedding_dim: int, sequence_parallel: Optional[bool] = None) -> None:
         super().__init__()
         tp, rank = state.tensor_size(), state.tensor_rank()
         if num_embeddings % tp:
             raise ValueError(f"vocabulary {num_embeddings} is not divisible by tensor-parallel size {tp}")
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
-        self.sequence_parallel = sequence_parallel
+        self.sequence_parallel = _sp(sequence_parallel)
         per = num_embeddings // tp
         self.vocab_start, self.vocab_end = rank * per, (rank + 1) * per
-        rows = init_rows or num_embeddings
-        full = torch.zeros(num_embeddings, embedding_dim)
-        full[:rows] = full_normal((rows, embedding_dim), init_std, seed)
-        self.weight = nn.Parameter(full[self.vocab_start:self.vocab_end].clone())
+        self.weight = nn.Parameter(torch.empty(per, embedding_dim))
         mark_tensor_parallel(self.weight, 0, (num_embeddings,))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:

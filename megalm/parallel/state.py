@@ -36,6 +36,7 @@ class _Groups:
     tp_rank: int
     dp_rank: int
     pp_rank: int
+    sequence_parallel: bool = False  # activations between TP regions split along the sequence (parallel.sequence_parallel)
 
 
 _GROUPS: Optional[_Groups] = None
@@ -61,8 +62,11 @@ def layout(world_size: int, tensor: int, pipeline: int) -> dict[str, list[list[i
     }
 
 
-def initialize(tensor: int, pipeline: int = 1) -> None:
-    """Build the groups from the current torch.distributed world (every rank must call this)."""
+def initialize(tensor: int, pipeline: int = 1, sequence_parallel: bool = False) -> None:
+    """Build the groups from the current torch.distributed world (every rank must call this).
+
+    ``sequence_parallel`` is part of the layout: the model's layers read it here, as they read the TP degree.
+    """
     global _GROUPS
     if not dist.is_available() or not dist.is_initialized():
         if tensor == 1 and pipeline == 1:
@@ -85,14 +89,20 @@ def initialize(tensor: int, pipeline: int = 1) -> None:
         model=mine["model"][0], model_ranks=mine["model"][1],
         tp_size=tensor, dp_size=dp, pp_size=pipeline,
         tp_rank=me % tensor, dp_rank=(me // tensor) % dp, pp_rank=me // (tensor * dp),
+        sequence_parallel=sequence_parallel and tensor > 1,
     )
     log.debug("parallel state: rank %d tp %d/%d dp %d/%d pp %d/%d", me, _GROUPS.tp_rank, tensor,
               _GROUPS.dp_rank, dp, _GROUPS.pp_rank, pipeline)
 
 
-def initialize_from_grid(grid: Any) -> None:
-    """Adopt DeepSpeed's ``PipelineParallelGrid``; its TP group is the *slice* group, not the model group."""
+def initialize_from_grid(grid: Any, sequence_parallel: Optional[bool] = None) -> None:
+    """Adopt DeepSpeed's ``PipelineParallelGrid``; its TP group is the *slice* group, not the model group.
+
+    ``sequence_parallel`` None keeps the flag of the groups this replaces.
+    """
     global _GROUPS
+    if sequence_parallel is None:
+        sequence_parallel = _GROUPS.sequence_parallel if _GROUPS else False
     topo = grid.topology()
     me = dist.get_rank()
     coord = topo.get_coord(me)
@@ -109,6 +119,7 @@ def initialize_from_grid(grid: Any) -> None:
         model=grid.get_model_parallel_group(), model_ranks=model_ranks,
         tp_size=topo.get_dim("model"), dp_size=topo.get_dim("data"), pp_size=topo.get_dim("pipe"),
         tp_rank=coord.model, dp_rank=coord.data, pp_rank=coord.pipe,
+        sequence_parallel=sequence_parallel and topo.get_dim("model") > 1,
     )
 
 
@@ -132,6 +143,11 @@ def tensor_rank() -> int:
 
 def tensor_size() -> int:
     return _GROUPS.tp_size if _GROUPS else 1
+
+
+def sequence_parallel() -> bool:
+    """Whether activations outside TP regions are split along the sequence over the TP ranks (TP > 1 only)."""
+    return _GROUPS.sequence_parallel if _GROUPS else False
 
 
 def tensor_ranks() -> tuple:

@@ -78,7 +78,7 @@ def _pipeline_module(cfg: Config, vocab_size: int, objective: Objective, guard: 
     from deepspeed.pipe import PipelineModule
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
-    from megalm.model import pipeline_layers
+    from megalm.build import pipeline_layers
 
     tp, pp = cfg.parallel.tensor, cfg.parallel.pipeline
     topo = PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=world // (tp * pp))
@@ -89,14 +89,14 @@ def _pipeline_module(cfg: Config, vocab_size: int, objective: Objective, guard: 
         return loss
 
     return PipelineModule(
-        layers=pipeline_layers(cfg, vocab_size, **objective.model_kwargs()),
+        layers=pipeline_layers(cfg, vocab_size),
         num_stages=pp,
         topology=topo,
         loss_fn=loss_fn,
         # "uniform": the same number of Transformer blocks per stage (Megatron's split), not of
         # pipe layers — a 2-block model on 2 stages would otherwise leave the last stage only the head.
         partition_method="type:BlockPipe" if cfg.parallel.pipeline_partition == "uniform" else "parameters",
-        activation_checkpoint_interval=0,  # blocks checkpoint themselves (train.activation_checkpointing)
+        activation_checkpoint_interval=0,  # megalm recomputes per block (apply_recompute in build_engine)
     )
 
 
@@ -110,13 +110,14 @@ def build_engine(cfg: Config, ds_config: dict, vocab_size: int, objective: Objec
     if megalm_clips(cfg):
         ds_config = {**ds_config, "gradient_clipping": 0.0}
 
-    from megalm.model import build_model
+    from megalm.build import build_model
     from megalm.model.compile import apply_compile
+    from megalm.model.recompute import apply_recompute
     from megalm.parallel import state
 
     tp, pp = cfg.parallel.tensor, cfg.parallel.pipeline
     world = dist.get_world_size()
-    state.initialize(tp, pp)
+    state.initialize(tp, pp, cfg.parallel.sequence_parallel)
     # Same default seed on every rank (the model builds full weights from it and takes its TP shard) and a
     # per-TP-rank tracked stream for dropout inside split regions.
     from megalm.parallel.random import model_parallel_seed
@@ -125,7 +126,7 @@ def build_engine(cfg: Config, ds_config: dict, vocab_size: int, objective: Objec
     total_iters = cfg.train.iters
     if pp > 1:
         module = _pipeline_module(cfg, vocab_size, objective, guard, world)
-        apply_compile(module, cfg.train.compile)
+        apply_recompute(apply_compile(module, cfg.train.compile), cfg.train.activation_checkpointing)
         ds, *_ = deepspeed.initialize(
             model=module, optimizer=_optimizer(cfg, module), lr_scheduler=scheduler_factory(cfg.optim, total_iters),
             config=ds_config,
@@ -139,7 +140,7 @@ def build_engine(cfg: Config, ds_config: dict, vocab_size: int, objective: Objec
                       is_first_stage=ds.is_first_stage(), is_last_stage=ds.is_last_stage(),
                       objective=objective, guard=guard)
 
-    model = apply_compile(build_model(cfg, vocab_size, **objective.model_kwargs()), cfg.train.compile)
+    model = apply_compile(build_model(cfg, vocab_size), cfg.train.compile)
     ds, *_ = deepspeed.initialize(
         model=model, optimizer=_optimizer(cfg, model), lr_scheduler=scheduler_factory(cfg.optim, total_iters),
         config=ds_config, mpu=state.mpu(),

@@ -47,7 +47,7 @@ class PipeFeed:
     def __next__(self):
         batch = to_device(next(self.batches), self.device)
         self.tokens += self.objective.tokens_in(batch)
-        return self.objective.inputs(batch), self.objective.targets(batch)
+        return self.objective.pipeline_inputs(batch), self.objective.targets(batch)
 
 
 class StepRunner:
@@ -68,7 +68,7 @@ class StepRunner:
         for _ in range(self.grad_accum):
             batch = to_device(next(batches), self.device)
             tokens += objective.tokens_in(batch)
-            out = ds(*objective.inputs(batch))
+            out = ds(**objective.inputs(batch))
             targets = objective.targets(batch)
             loss = engine.loss(out, targets)
             ds.backward(loss)
@@ -100,7 +100,7 @@ class StepRunner:
         losses = []
         for _ in range(iters * self.grad_accum):
             batch = to_device(next(batches), self.device)
-            out = ds(*objective.inputs(batch))
+            out = ds(**objective.inputs(batch))
             losses.append(objective.loss(out, objective.targets(batch)).detach())
         ds.train()
         return dp_mean(torch.stack(losses).mean(), engine)

@@ -39,7 +39,7 @@ def make_cfg(kind: str, tokenizer: str, **model):
 
 def perturbed_weights(cfg, vocab: int) -> dict:
     """build_model's weights with norms/biases moved off 1/0, so a dropped tensor cannot hide."""
-    from megalm.model import build_model
+    from megalm.build import build_model
 
     sd = build_model(cfg, vocab).state_dict()
     g = torch.Generator().manual_seed(3)
@@ -99,11 +99,13 @@ def held_out_ids(tokenizer: str, n: int = 24, batch: int = 2) -> torch.Tensor:
 @torch.no_grad()
 def plm_content_logits(model, ids: torch.Tensor, vocab: int) -> torch.Tensor:
     """megalm's PLM content stream under full attention (what an encoder export reproduces), unpadded vocab."""
+    from megalm.model.context import contexts
     from megalm.model.gpt import default_position_ids
 
     full = torch.ones(ids.size(0), 1, ids.size(1), ids.size(1), dtype=torch.bool)
     pos = default_position_ids(ids)
-    ctx, _ = model.contexts(ids, pos, content_mask=full, query_mask=full)
+    ctx, _ = contexts(model.m, ids.size(0), ids.size(1), ids.device, torch.float32,
+                      dict(position_ids=pos, content_mask=full, query_mask=full))
     h = model.embedding(ids, pos)
     for layer in model.layers:
         h = layer.step(h, ctx)

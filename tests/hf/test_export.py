@@ -80,7 +80,7 @@ def test_bert_exports_as_pretraining_and_masked_lm(exported):
 
 def megalm_model_bert(ckpt):
     from megalm.generate import for_inference, repad
-    from megalm.model import build_model
+    from megalm.build import build_model
     from megalm.training.checkpoint.read_shards import read_full_weights
 
     cfg, vocab, w = read_full_weights(ckpt)

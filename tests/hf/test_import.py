@@ -64,7 +64,7 @@ def test_bert_masked_lm_gets_a_fresh_binary_head(tmp_path):
     hf = _save(transformers.BertForMaskedLM(config), tmp_path / "hf")
     import_hf(str(tmp_path / "hf"), str(tmp_path / "ck"), ["model.seq_length=64"])
     from megalm.generate import for_inference, repad
-    from megalm.model import build_model
+    from megalm.build import build_model
     from megalm.training.checkpoint.read_shards import read_full_weights
 
     cfg, vocab, w = read_full_weights(str(tmp_path / "ck"))
@@ -142,7 +142,7 @@ def test_llama3_rope_scaling_matches_transformers_and_round_trips(tmp_path):
         assert (ours(ids)[..., :VOCAB] - want).abs().max().item() < 1e-4
         import dataclasses
 
-        from megalm.model import build_model
+        from megalm.build import build_model
         plain_cfg = cfg.replace(model=dataclasses.replace(cfg.model, rope_scaling=None))
         plain = build_model(plain_cfg, VOCAB)
         plain.load_state_dict(ours.state_dict())

@@ -39,7 +39,7 @@ def _built(rank: int, world: int, tp: int, names: list, extra: tuple) -> dict:
     """Per variant: this rank's parameter count, and bytes saved for backward with 2 and 4 layers."""
     import torch
 
-    from megalm.model import build_model
+    from megalm.build import build_model
     from megalm.parallel import state
 
     out = {}
@@ -47,7 +47,7 @@ def _built(rank: int, world: int, tp: int, names: list, extra: tuple) -> dict:
         counts = []
         for layers in (2, 4):
             cfg = _cfg(name, (f"model.num_layers={layers}", f"parallel.tensor={tp}", *extra))
-            state.initialize(tp, 1)
+            state.initialize(tp, 1, cfg.parallel.sequence_parallel)
             model = build_model(cfg, VOCAB)
             if cfg.precision == "bf16":
                 model = model.to(torch.bfloat16)

@@ -9,7 +9,7 @@ import torch
 
 import megalm.config as C
 from megalm.errors import ConfigError
-from megalm.model import build_model
+from megalm.build import build_model
 from megalm.model.compile import FASTEST, apply_compile, resolve_compile
 from megalm.parallel import fused
 from megalm.parallel.cross_entropy import vocab_parallel_cross_entropy

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import megalm.config as C
-from megalm.model import build_model
-from megalm.model.attention import attention_context
+from megalm.build import build_model
+from megalm.model.context import attention_context
 from megalm.model.documents import BLOCK, document_block_mask, documents_attention, packed_documents
 from megalm.parallel import state
 from megalm.parallel.cross_entropy import vocab_parallel_cross_entropy

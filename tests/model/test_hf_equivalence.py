@@ -6,7 +6,7 @@ import torch
 import megalm.config as C
 from megalm.errors import ConfigError
 from megalm.hf import mapping
-from megalm.model import build_model, padded_vocab_size
+from megalm.build import build_model, padded_vocab_size
 
 transformers = pytest.importorskip("transformers")  # the [hf] extra; installed in CI
 

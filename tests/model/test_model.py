@@ -5,8 +5,8 @@ import torch
 
 import megalm.config as C
 from megalm.errors import ConfigError
-from megalm.model import build_model, padded_vocab_size
-from megalm.model.attention import build_mask
+from megalm.build import build_model, padded_vocab_size
+from megalm.model.context import build_mask
 from megalm.parallel import state
 from tests.parallel.tp_check import VOCAB, make_batch, make_cfg
 

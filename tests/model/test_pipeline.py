@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from megalm.model import build_model, pipeline_layers
+from megalm.build import build_model, pipeline_layers
 from megalm.model.pipeline import pipeline_name_prefixes
+from megalm.model.recompute import apply_recompute
 from megalm.parallel.cross_entropy import vocab_parallel_cross_entropy
 from tests.harness import run_ranks
 from tests.parallel.tp_check import VOCAB, make_batch, make_cfg
@@ -56,6 +57,9 @@ def test_pipeline_layers_match_model(variant, ckpt):
     specs = pipeline_layers(cfg, VOCAB, names)
     assert len(specs) == cfg.model.num_layers + 3
     layers, modules = build_sequential(specs)
+    for mod in modules:  # what the engine does to the built PipelineModule
+        if mod is not None:
+            apply_recompute(mod, ckpt)
     x = tuple(kw[n] for n in names)
     for layer in layers:
         x = layer(x)
@@ -83,7 +87,7 @@ def test_pipeline_layers_match_model(variant, ckpt):
 
 
 def test_default_inputs_follow_objective():
-    from megalm.model.pipeline import default_inputs
+    from megalm.build import default_inputs
 
     assert default_inputs(make_cfg("llama")) == ("input_ids", "position_ids")
     assert default_inputs(make_cfg("plm"))[-2:] == ("content_mask", "query_mask")

@@ -25,7 +25,7 @@ def clm_cfg(**objective) -> C.Config:
 
 @pytest.mark.parametrize("reset", [False, True])
 def test_clm_loss_at_i_sees_only_tokens_up_to_i(reset):
-    from megalm.model import build_model
+    from megalm.build import build_model
 
     tok = ToyTokenizer()
     cfg = clm_cfg(reset_attention_mask=reset, reset_position_ids=reset)
@@ -36,7 +36,7 @@ def test_clm_loss_at_i_sees_only_tokens_up_to_i(reset):
     torch.manual_seed(0)
     model = build_model(cfg, tok.vocab_size)
     tap = EmbeddingTap(model)
-    logits = model(*obj.inputs(batch))
+    logits = model(**obj.inputs(batch))
     pos = torch.arange(SEQ)
     for i in range(SEQ):
         loss_i = F.cross_entropy(logits[0, i, :tok.vocab_size][None], batch["labels"][0, i][None])

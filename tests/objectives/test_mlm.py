@@ -135,7 +135,7 @@ def test_masked_positions_never_see_their_token(toy_tokenizer, mode):
 
     (The 10% "unchanged" positions keep their token by BERT's design; they are not replaced, so not tested here.)
     """
-    from megalm.model import build_model
+    from megalm.build import build_model
 
     cfg = tiny_bert_cfg(**MODES[mode])
     obj = build_objective(cfg, toy_tokenizer)
@@ -155,18 +155,18 @@ def test_masked_positions_never_see_their_token(toy_tokenizer, mode):
         assert torch.equal(batch[k], batch2[k]), k
     torch.manual_seed(0)
     model = build_model(cfg, toy_tokenizer.vocab_size).eval()
-    out1, out2 = model(*obj.inputs(batch)), model(*obj.inputs(batch2))
+    out1, out2 = model(**obj.inputs(batch)), model(**obj.inputs(batch2))
     torch.testing.assert_close(out1[0], out2[0], rtol=0, atol=0)
 
 
 def test_loss_counts_only_chosen_positions_and_adds_the_binary_head(toy_tokenizer):
-    from megalm.model import build_model
+    from megalm.build import build_model
 
     cfg = tiny_bert_cfg()
     obj = build_objective(cfg, toy_tokenizer)
     batch = obj.collate(bert_samples(toy_tokenizer, 4, 32, np.random.default_rng(13)), np.random.default_rng(14))
     model = build_model(cfg, toy_tokenizer.vocab_size)
-    logits, binary = model(*obj.inputs(batch))
+    logits, binary = model(**obj.inputs(batch))
     logits.retain_grad()
     loss = obj.loss((logits, binary), obj.targets(batch))
     chosen = batch["loss_mask"] > 0
@@ -194,14 +194,14 @@ def test_tokenizer_without_mask_is_refused(toy_tokenizer):
 
 
 def test_inputs_follow_the_pipeline_input_names(toy_tokenizer):
-    from megalm.model.pipeline import default_inputs
+    from megalm.build import default_inputs
 
     cfg = tiny_bert_cfg()
     obj = build_objective(cfg, toy_tokenizer)
     batch = obj.collate(bert_samples(toy_tokenizer, 2, 32, np.random.default_rng(15)), np.random.default_rng(16))
     names = default_inputs(cfg)
-    assert len(obj.inputs(batch)) == len(names)
-    assert all(t is batch[n] for n, t in zip(names, obj.inputs(batch)))
+    assert len(obj.pipeline_inputs(batch)) == len(names)
+    assert all(t is batch[n] for n, t in zip(names, obj.pipeline_inputs(batch)))
 
 
 @pytest.mark.parametrize("binary_head", ["sop", "nsp"])

@@ -83,7 +83,7 @@ def test_span_order_counts_spans_up_to_max_length():
 @pytest.mark.parametrize("position,span", [("rope", False), ("learned", False), ("rope", True)])
 def test_query_stream_sees_only_earlier_tokens_in_the_order(position, span):
     """d(query-stream loss at i)/d(embedding of j) is zero for j == i and j later in the order, non-zero before."""
-    from megalm.model import build_model
+    from megalm.build import build_model
 
     tok = ToyTokenizer()
     cfg = plm_cfg(position, plm_span_order=span, plm_k=2)
@@ -92,7 +92,7 @@ def test_query_stream_sees_only_earlier_tokens_in_the_order(position, span):
     torch.manual_seed(0)
     model = build_model(cfg, tok.vocab_size)
     tap = EmbeddingTap(model)
-    logits = model(*obj.inputs(batch))
+    logits = model(**obj.inputs(batch))
     rank = batch["order_rank"]
     v = tok.vocab_size
     for b in range(2):
@@ -108,7 +108,7 @@ def test_query_stream_sees_only_earlier_tokens_in_the_order(position, span):
 
 def test_content_stream_sees_itself_and_earlier_tokens():
     """The last block's content stream h at i depends on tokens at or before i in the order only."""
-    from megalm.model import build_model
+    from megalm.build import build_model
 
     tok = ToyTokenizer()
     cfg = plm_cfg()
@@ -121,12 +121,12 @@ def test_content_stream_sees_itself_and_earlier_tokens():
     last = model.layers[-1]
     two_stream = last.forward_two_stream
 
-    def capture(*args):  # run_block calls forward_two_stream directly, so no module hook fires
+    def capture(*args):  # Block.forward calls forward_two_stream: the block's hooks would not see the h stream alone
         streams["h"], g = two_stream(*args)
         return streams["h"], g
 
     last.forward_two_stream = capture
-    model(*obj.inputs(batch))
+    model(**obj.inputs(batch))
     rank = batch["order_rank"][0]
     for i in range(SEQ):
         (grad,) = torch.autograd.grad(streams["h"][0, i].sum(), tap.leaf, retain_graph=True)
@@ -136,28 +136,28 @@ def test_content_stream_sees_itself_and_earlier_tokens():
 
 
 def test_loss_is_the_mean_over_predicted_tokens():
-    from megalm.model import build_model
+    from megalm.build import build_model
 
     tok = ToyTokenizer()
     cfg = plm_cfg()
     obj = build_objective(cfg, tok)
     batch = obj.collate(gpt_samples(3, np.random.default_rng(10)), np.random.default_rng(11))
     model = build_model(cfg, tok.vocab_size)
-    logits = model(*obj.inputs(batch))
+    logits = model(**obj.inputs(batch))
     target = batch["loss_mask"] > 0
     want = F.cross_entropy(logits[..., :tok.vocab_size][target].float(), batch["labels"][target])
     torch.testing.assert_close(obj.loss(logits, obj.targets(batch)), want)
 
 
 def test_pipeline_inputs_follow_default_inputs():
-    from megalm.model.pipeline import default_inputs
+    from megalm.build import default_inputs
 
     cfg = C.from_dict({**plm_cfg().to_dict(), "parallel": {"pipeline": 2}})
     obj = build_objective(cfg, ToyTokenizer())
     batch = obj.collate(gpt_samples(2, np.random.default_rng(12)), np.random.default_rng(13))
     names = default_inputs(cfg)
-    assert len(obj.inputs(batch)) == len(names)
-    for name, t in zip(names, obj.inputs(batch)):
+    assert len(obj.pipeline_inputs(batch)) == len(names)
+    for name, t in zip(names, obj.pipeline_inputs(batch)):
         assert t is batch[name]
 
 

@@ -36,9 +36,6 @@ class SkipAheadLM(Objective):
         return {"input_ids": input_ids, "position_ids": torch.arange(s).expand(b, s).contiguous(),
                 "labels": labels, "loss_mask": loss_mask}
 
-    def inputs(self, batch):
-        return batch["input_ids"], batch["position_ids"]
-
     def targets(self, batch):
         return batch["labels"], batch["loss_mask"]
 

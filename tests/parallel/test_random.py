@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megalm.model import build_model
+from megalm.build import build_model
 from megalm.parallel import state
 from megalm.parallel.cross_entropy import vocab_parallel_cross_entropy
 from megalm.parallel.random import checkpoint, get_tracker, model_parallel_seed
@@ -91,6 +91,7 @@ def _tp_dropout(rank, world_size):
         split = torch.rand(4)
     out = {"default": default, "split": split}
     for sp in (False, True):
+        state.initialize(world_size, 1, sequence_parallel=sp)
         for mode in ("full", "selective"):
             loss_ref, ref = _grads("llama", "none", world_size, sp)
             loss, got = _grads("llama", mode, world_size, sp)

@@ -7,8 +7,8 @@ import torch
 import torch.distributed as dist
 
 import megalm.config as C
-from megalm.model import build_model
-from megalm.model.tp_layout import tp_rule
+from megalm.build import build_model
+from megalm.tp_layout import tp_rule
 from megalm.parallel import state
 from megalm.parallel.cross_entropy import vocab_parallel_cross_entropy
 from megalm.parallel.layers import shard
@@ -84,7 +84,7 @@ def compare_variant(variant: str, tp: int, sp: bool, atol: float = 1e-5) -> dict
     state.destroy()
     ref_model, ref_logits, ref_loss, ref_bin = run_model(make_cfg(variant), batch)
     ref_grads = {n: p.grad for n, p in ref_model.named_parameters()}
-    state.initialize(tp, 1)
+    state.initialize(tp, 1, sequence_parallel=sp)
     try:
         model, logits, loss, binary = run_model(make_cfg(variant, tp, sp), batch)
         full = gather_vocab(logits)

@@ -227,7 +227,7 @@ def test_written_checkpoint_records_the_tp_split(tmp_path):
     import torch
 
     from megalm import config as C
-    from megalm.model import padded_vocab_size
+    from megalm.build import padded_vocab_size
     from megalm.training.checkpoint.from_weights import write_checkpoint
     from megalm.training.checkpoint.paths import read_state
     from megalm.training.checkpoint.read_shards import ShardReader, tensor_index

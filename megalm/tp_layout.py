@@ -1,6 +1,6 @@
 """Which state-dict entries are split across TP ranks, and how: shard a full state dict, gather shards back.
 
-Pure name rules (no model needed), so checkpoint converters can use them; the
+Pure name rules (no model needed) for a Config's layout, so checkpoint converters can use them; the
 tests check they agree with the attributes the live parameters carry.
 """
 
@@ -11,6 +11,7 @@ from typing import Mapping, Optional, Sequence
 
 import torch
 
+from megalm.build import padded_vocab_size
 from megalm.config import Config
 from megalm.parallel.layers import shard, unshard
 
@@ -20,8 +21,6 @@ def tp_rule(name: str, cfg: Config, vocab_size: int) -> Optional[tuple]:
 
     ``name`` may carry any prefix (a pipeline layer index, "module."), matched on its tail.
     """
-    from megalm.model import padded_vocab_size
-
     m = cfg.model
     d = m.hidden_size // m.num_heads
     q, kv, f = m.num_heads * d, m.kv_heads * d, m.ffn_size
