@@ -73,18 +73,17 @@ def bench_getitem(seq: int, n: int, workdir: str) -> None:
             ds[int(i)]
         dt = time.perf_counter() - t
         print(f"__getitem__ seq {seq}, {label}: {n / dt:,.0f} samples/s")
-    # what the CLM objective derives per sample from segment_ids (megalm.data.masks), for the full cost
-    from megalm.data.masks import cu_seqlens, loss_mask, position_ids
+    # what the CLM objective derives per sample (document_layout: segment ids + reset positions), for the full cost
+    import torch
+
+    from megalm.objectives.clm import document_layout
 
     t = time.perf_counter()
     for i in order:
         s = ds[int(i)]
-        seg = s["segment_ids"]
-        position_ids(seg[:-1])
-        loss_mask(s["tokens"][:-1], seg[1:], eod, True)
-        cu_seqlens(seg[:-1])
+        document_layout(torch.from_numpy(s["tokens"][None, :-1].astype(np.int64)), eod)
     dt = time.perf_counter() - t
-    print(f"__getitem__ + position reset + EOD loss mask + cu_seqlens: {n / dt:,.0f} samples/s  [target >= 10k]")
+    print(f"__getitem__ + CLM document layout (segment ids, position reset): {n / dt:,.0f} samples/s  [target >= 10k]")
 
 
 def main() -> None:

@@ -48,3 +48,35 @@ def test_clm_loss_at_i_sees_only_tokens_up_to_i(reset):
         assert (norm[~seen] == 0).all(), f"position {i} sees a later token (or another document)"
         assert (norm[seen] > 1e-9).all(), f"position {i} misses a token it should see"
         assert (grad[1] == 0).all()
+
+
+def megatron_ltor(data, eod):
+    """Megatron's _get_ltor_masks_and_position_ids with every reset on, written out: loop over EODs, dense mask."""
+    n = len(data)
+    att = np.tril(np.ones((n, n)))
+    lm = np.ones(n, np.float32)
+    lm[data == eod] = 0.0
+    pos = np.arange(n)
+    prev = 0
+    for i in np.flatnonzero(data == eod):
+        att[i + 1:, :i + 1] = 0
+        pos[i + 1:] -= i + 1 - prev
+        prev = i + 1
+    return att > 0.5, lm, pos
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_document_layout_reproduces_megatron_ltor_masks(seed):
+    """CLM's segment ids + positions + EOD loss mask, and the model's mask from them, equal Megatron's (moved here
+    from tests/data/test_masks.py with the dead megalm/data/masks.py it tested)."""
+    from megalm.model.context import build_mask
+
+    tok = ToyTokenizer()
+    obj = build_objective(clm_cfg(reset_attention_mask=True, reset_position_ids=True, eod_mask_loss=True), tok)
+    text = np.random.default_rng(seed).integers(tok.eod, tok.eod + 4, (1, 65))  # many EODs, adjacent ones too
+    batch = obj.collate([{"tokens": text[0]}], np.random.default_rng(0))
+    att, lm, pos = megatron_ltor(text[0, :-1], tok.eod)
+    np.testing.assert_array_equal(batch["position_ids"][0].numpy(), pos)
+    np.testing.assert_array_equal(batch["loss_mask"][0].numpy(), lm)
+    mask = build_mask(1, 64, True, torch.device("cpu"), segment_ids=batch["segment_ids"])
+    np.testing.assert_array_equal(mask[0, 0].numpy(), att)
