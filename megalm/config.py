@@ -27,7 +27,7 @@ from megalm.errors import ConfigError
 
 # The choice types: a new choice is one more name in one of these (the loader and the reference follow).
 Arch = Literal["gpt", "bert"]
-Position = Literal["learned", "sinusoidal", "rope"]
+Position = Literal["learned", "sinusoidal", "rope", "alibi"]
 Norm = Literal["layernorm", "rmsnorm"]
 NormPosition = Literal["pre", "post"]
 Activation = Literal["gelu", "swiglu"]

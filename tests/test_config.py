@@ -244,7 +244,7 @@ def _fields(cls=C.Config, prefix=""):
 @pytest.mark.parametrize("item,match", [
     ("model.norm=layer_norm", r"'model.norm' must be one of layernorm, rmsnorm; got 'layer_norm' "
                               r"\(did you mean layernorm\?\)"),
-    ("model.position=rotary", r"'model.position' must be one of learned, sinusoidal, rope; got 'rotary'"),
+    ("model.position=rotary", r"'model.position' must be one of learned, sinusoidal, rope, alibi; got 'rotary'"),
     ("zero.stage=4", r"'zero.stage' must be one of 0, 1, 2, 3; got 4"),
     ("zero.stage=true", r"'zero.stage' must be one of 0, 1, 2, 3; got True"),  # True == 1, but not a stage
     ("run.wandb.mode=disabled", r"'run.wandb.mode' must be one of auto, online, offline"),

@@ -77,6 +77,8 @@ class Attention(nn.Module):
         mask, row_ok = self._local_heads(ctx.mask), self._local_heads(ctx.row_ok)
         if mask is None:
             mask = ctx.key_padding
+        if ctx.bias is not None:  # already this rank's heads; masked keys get -inf
+            mask = ctx.bias if mask is None else ctx.bias.masked_fill(~mask, float("-inf"))
         p = self.dropout if self.training else 0.0
         gqa = self.kv_heads != self.heads
         with get_tracker().fork():  # heads differ per TP rank, so must their dropout

@@ -16,7 +16,8 @@ import torch
 
 from megalm.config import ModelConfig
 from megalm.model.documents import Documents, packed_documents
-from megalm.model.positions import rope_cos_sin
+from megalm.model.positions import alibi_bias, alibi_slopes, rope_cos_sin
+from megalm.parallel import state
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,7 @@ class AttnContext:
     rope: Optional[tuple] = None  # (cos, sin) [b, 1, s, d]
     documents: Optional[Documents] = None  # causal attention within packed documents, no [s, s] mask
     key_padding: Optional[torch.Tensor] = None  # bool [b, 1, 1, s], True = a real key (every row has one)
+    bias: Optional[torch.Tensor] = None  # float [b, local heads, s, s] added to the scores (ALiBi)
 
 
 def build_mask(batch: int, seq: int, causal: bool, device: torch.device,
@@ -82,6 +84,25 @@ def attention_context(batch: int, seq: int, causal: bool, device: torch.device, 
     return make_context(mask, causal, rope)
 
 
+def _with_bias(ctx: AttnContext, bias: Optional[torch.Tensor], seq: int, past: int) -> AttnContext:
+    """Add a score bias; a causal context becomes an explicit mask (SDPA takes a mask or is_causal, not both)."""
+    if bias is None:
+        return ctx
+    mask = ctx.mask
+    if mask is None and ctx.causal:
+        mask = torch.ones(seq, past + seq, dtype=torch.bool, device=bias.device).tril(past)[None, None]
+    return AttnContext(causal=False, mask=mask, row_ok=ctx.row_ok, rope=ctx.rope, bias=bias)
+
+
+def _position_bias(m: ModelConfig, pos: torch.Tensor, past: int, dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """ALiBi's bias on this TP rank's heads (heads are split over TP ranks in order), or None."""
+    if m.position != "alibi":
+        return None
+    keys = torch.arange(past + pos.size(1), device=pos.device).expand(pos.size(0), -1) if past else pos
+    slopes = alibi_slopes(m.num_heads).chunk(state.tensor_size())[state.tensor_rank()]
+    return alibi_bias(pos, keys, slopes, dtype)
+
+
 def _decode_mask(n: int, past: int, device: torch.device) -> Optional[torch.Tensor]:
     """New query j (absolute position past + j) sees cached and new keys 0 .. past + j; None when all are seen."""
     if n == 1:
@@ -105,10 +126,16 @@ def contexts(m: ModelConfig, batch: int, seq: int, device: torch.device, dtype: 
         pos = torch.arange(past, past + seq, device=device).unsqueeze(0).expand(batch, seq)
     rope = (rope_cos_sin(pos, m.hidden_size // m.num_heads, m.rope_base, dtype, m.rope_scaling)
             if m.position == "rope" else None)
+    bias = _position_bias(m, pos, past, dtype)
     if content is not None or query is not None:
-        return (make_context(build_mask(batch, seq, False, device, attention_mask=content), False, rope),
-                make_context(build_mask(batch, seq, False, device, attention_mask=query), False, rope))
+        return tuple(_with_bias(make_context(build_mask(batch, seq, False, device, attention_mask=x), False, rope),
+                                bias, seq, past) for x in (content, query))
+    causal = m.arch == "gpt"
     if past:
-        return make_context(_decode_mask(seq, past, device), False, rope), None
-    return attention_context(batch, seq, m.arch == "gpt", device, rope, segment_ids=seg, padding_mask=pad,
-                             attention_mask=mask), None
+        ctx = make_context(_decode_mask(seq, past, device), False, rope)
+    elif bias is not None:  # a dense bias anyway: the document / key-padding fast paths have nothing to save
+        ctx = make_context(build_mask(batch, seq, causal, device, seg, pad, mask), causal, rope)
+    else:
+        ctx = attention_context(batch, seq, causal, device, rope, segment_ids=seg, padding_mask=pad,
+                                attention_mask=mask)
+    return _with_bias(ctx, bias, seq, past), None

@@ -1,4 +1,4 @@
-"""Position information: learned absolute, sinusoidal (Vaswani) and rotary (RoPE, rotate-half layout).
+"""Position information: learned absolute, sinusoidal (Vaswani), rotary (RoPE, rotate-half layout) and ALiBi.
 
 RoPE follows the GPT-NeoX / HF Llama layout (first half, second half of each
 head), so converted weights need no permutation.
@@ -44,6 +44,22 @@ def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, base: float, dtype: 
     freqs = position_ids.float().unsqueeze(-1) * inv_freq.to(position_ids.device)
     emb = torch.cat((freqs, freqs), dim=-1).unsqueeze(1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def alibi_slopes(heads: int) -> torch.Tensor:
+    """ALiBi's per-head slopes (Press et al.): 2^(-8/n)^(1..n) for n heads a power of two; otherwise those of the
+    largest power of two below, then every other slope of twice that (as BLOOM does)."""
+    closest = 2 ** math.floor(math.log2(heads))
+    slopes = 2.0 ** (-8.0 / closest * torch.arange(1, closest + 1, dtype=torch.float64))
+    extra = 2.0 ** (-4.0 / closest * (1 + 2 * torch.arange(heads - closest, dtype=torch.float64)))
+    return torch.cat([slopes, extra]).float()
+
+
+def alibi_bias(q_pos: torch.Tensor, k_pos: torch.Tensor, slopes: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[b, heads, sq, sk] score bias -slope x |query position - key position| (causal rows: BLOOM's slope x key
+    position up to a per-row constant, which softmax ignores; bidirectional rows: symmetric distance)."""
+    dist = (q_pos[:, None, :, None] - k_pos[:, None, None, :]).abs().float()
+    return (-slopes.to(q_pos.device)[None, :, None, None] * dist).to(dtype)
 
 
 @fusable

@@ -25,6 +25,7 @@ VARIANTS = {
                  bias=True),
     "plm": dict(arch="gpt", num_heads=8, num_kv_heads=4),
     "head_mask": dict(arch="gpt", num_heads=8, num_kv_heads=4),
+    "alibi": dict(arch="gpt", position="alibi", num_heads=8, num_kv_heads=4),  # per-head slopes split over TP
 }
 
 
