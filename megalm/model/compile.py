@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import functools
 import logging
+from typing import get_args
 
 import torch
 
+from megalm.config import CompileMode
 from megalm.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-MODES = ("auto", "none", "fused", "blocks")
+MODES = get_args(CompileMode)
 
 # The fastest exact mode per device type, measured with benchmarks/train_step.py --compile-modes (docs/model.md).
 # CUDA is not measured yet: "blocks" is torchtitan's default there.

@@ -68,7 +68,7 @@ def document_block_mask(segment_ids: torch.Tensor, block: int = BLOCK):
 
     seg = segment_ids
 
-    def same_document(bi, hi_, q, kv):
+    def same_document(bi, hi_, q, kv):  # noqa: ARG001 - FlexAttention's mask_mod signature (b, h, q, kv)
         return (q >= kv) & (seg[bi, q] == seg[bi, kv])
 
     return BlockMask.from_kv_blocks(*indices(partial), *indices(full), BLOCK_SIZE=block, mask_mod=same_document,

@@ -7,11 +7,14 @@ recompute RNG-correctly (``megalm.parallel.random.checkpoint``), so dropout mask
 
 from __future__ import annotations
 
+from typing import get_args
+
 import torch.nn as nn
 
+from megalm.config import Recompute
 from megalm.errors import ConfigError
 
-MODES = ("none", "full", "selective")
+MODES = get_args(Recompute)
 
 
 def apply_recompute(module: nn.Module, mode: str) -> nn.Module:

@@ -43,7 +43,7 @@ class Objective(abc.ABC):
         self.tokenizer = tokenizer
 
     @classmethod
-    def needs(cls, cfg: Config) -> ModelNeeds:
+    def needs(cls, cfg: Config) -> ModelNeeds:  # noqa: ARG003 - subclasses read cfg; the default does not
         """The model this objective trains under ``cfg`` (a classmethod: the model is built before any data)."""
         return ModelNeeds()
 
@@ -71,6 +71,6 @@ class Objective(abc.ABC):
         """Tokens processed (for tokens/s)."""
         return int(batch["input_ids"].numel())
 
-    def metrics(self, output: Any, targets: tuple[torch.Tensor, ...]) -> dict[str, float]:
+    def metrics(self, output: Any, targets: tuple[torch.Tensor, ...]) -> dict[str, float]:  # noqa: ARG002 - a hook
         """Extra per-micro-batch numbers worth logging beside the loss (e.g. MLM and SOP parts)."""
         return {}

@@ -34,7 +34,7 @@ class CausalLM(Objective):
     name = "clm"
     dataset_kind = "gpt"
 
-    def collate(self, samples: list[dict], rng: np.random.Generator) -> dict[str, torch.Tensor]:
+    def collate(self, samples: list[dict], rng: np.random.Generator) -> dict[str, torch.Tensor]:  # noqa: ARG002 - deterministic
         tokens = torch.from_numpy(np.stack([np.asarray(s["tokens"], dtype=np.int64) for s in samples]))
         input_ids, labels = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
         o = self.cfg.objective

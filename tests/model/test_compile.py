@@ -70,7 +70,7 @@ def test_a_block_that_fails_to_compile_runs_eagerly_with_one_warning(monkeypatch
 
 
 @pytest.mark.slow
-def test_default_compile_is_written_to_config_yaml_and_trains_like_eager(tiny_data, tmp_path):
+def test_default_compile_is_written_to_config_yaml_and_trains_like_eager(tiny_data, tmp_path):  # noqa: F811
     """The default (auto) resolves to the CPU's mode in config.yaml; its losses equal eager's (fp32)."""
     sets = ["train.iters=4", "model.hidden_size=128"]
     _, eager, _ = run_pretrain(tiny_data, tmp_path / "eager", launcher="python",

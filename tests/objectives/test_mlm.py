@@ -9,7 +9,7 @@ from megalm import config as C
 from megalm.errors import ConfigError
 from megalm.objectives import build_objective
 from megalm.objectives.mlm import MaskedLM, special_ids
-from tests.objectives.conftest import ToyTokenizer, bert_samples
+from tests.objectives.conftest import bert_samples
 
 MODES = {
     "token": {},
