@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from megalm.config import ModelConfig
 from megalm.model.block import Block
-from megalm.model.context import contexts
+from megalm.model.context import check_inputs, contexts
 from megalm.model.embedding import Embedding, vocab_logits
 from megalm.model.gpt import final_norm, run_blocks
 from megalm.model.norms import make_norm
@@ -62,12 +62,13 @@ class BertModel(nn.Module):
         self.layers = nn.ModuleList(Block(m) for _ in range(m.num_layers))
         self.head = BertHead(m, binary_head)
 
-    def forward(self, input_ids: torch.Tensor, token_type_ids: Optional[torch.Tensor] = None,
-                padding_mask: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None,
-                position_ids: Optional[torch.Tensor] = None) -> tuple:
+    def forward(self, input_ids: torch.Tensor, **inputs: Optional[torch.Tensor]) -> tuple:
+        """(MLM logits, binary logits or None) given named ``inputs`` (``megalm.model.context.MODEL_INPUTS``:
+        token_type_ids, padding_mask, attention_mask, position_ids)."""
+        check_inputs(inputs)
         b, s = input_ids.shape
-        ctx, _ = contexts(self.m, b, s, input_ids.device, self.embedding.word.weight.dtype,
-                          dict(position_ids=position_ids, padding_mask=padding_mask, attention_mask=attention_mask))
-        h = run_blocks(self.layers, self.embedding(input_ids, position_ids, token_type_ids), ctx)
+        ctx, _ = contexts(self.m, b, s, input_ids.device, self.embedding.word.weight.dtype, inputs)
+        h = run_blocks(self.layers, self.embedding(input_ids, inputs.get("position_ids"), inputs.get("token_type_ids")),
+                       ctx)
         x, binary = self.head(h)
         return bert_logits(self.embedding, x), binary

@@ -112,6 +112,15 @@ def _decode_mask(n: int, past: int, device: torch.device) -> Optional[torch.Tens
 
 
 CONTEXT_INPUTS = ("position_ids", "segment_ids", "padding_mask", "attention_mask", "content_mask", "query_mask")
+# Every named input a model (and the first pipeline stage) takes: the embedding reads position and token-type
+# ids, ``contexts`` the rest. A new optional input is a name here and its use in ``contexts`` (or the embedding).
+MODEL_INPUTS = ("input_ids", "token_type_ids", *CONTEXT_INPUTS)
+
+
+def check_inputs(names) -> None:
+    unknown = sorted(set(names) - set(MODEL_INPUTS))
+    if unknown:
+        raise ValueError(f"unknown model input(s) {unknown}; the model takes {', '.join(MODEL_INPUTS)}")
 
 
 def contexts(m: ModelConfig, batch: int, seq: int, device: torch.device, dtype: torch.dtype,

@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from megalm.config import ModelConfig
 from megalm.model.block import Block
-from megalm.model.context import contexts
+from megalm.model.context import check_inputs, contexts
 from megalm.model.embedding import Embedding, default_position_ids, vocab_logits  # noqa: F401  (re-export)
 from megalm.model.norms import make_norm
 from megalm.parallel import state
@@ -54,17 +54,17 @@ class GPTModel(nn.Module):
         weight = self.embedding.word.weight if self.head is None else self.head.weight
         return vocab_logits(h, weight, self.vocab_size, self.sp)
 
-    def forward(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
-                segment_ids: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None,
-                content_mask: Optional[torch.Tensor] = None, query_mask: Optional[torch.Tensor] = None,
-                two_stream: Optional[bool] = None) -> torch.Tensor:
-        """``two_stream`` (default: whether ``query_mask`` is given) returns the query stream's logits."""
-        two_stream = query_mask is not None if two_stream is None else two_stream
-        if two_stream and query_mask is None:
+    def forward(self, input_ids: torch.Tensor, two_stream: Optional[bool] = None,
+                **inputs: Optional[torch.Tensor]) -> torch.Tensor:
+        """Logits for ``input_ids`` given named ``inputs`` (``megalm.model.context.MODEL_INPUTS``: position_ids,
+        segment_ids, attention_mask; PLM's content_mask and query_mask). ``two_stream`` (default: whether
+        ``query_mask`` is given) returns the query stream's logits."""
+        check_inputs(inputs)
+        two_stream = inputs.get("query_mask") is not None if two_stream is None else two_stream
+        if two_stream and inputs.get("query_mask") is None:
             raise ValueError("two_stream=True needs content_mask and query_mask")
         b, s = input_ids.shape
-        ctx, qctx = contexts(self.m, b, s, input_ids.device, self.embedding.word.weight.dtype,
-                             dict(position_ids=position_ids, segment_ids=segment_ids, attention_mask=attention_mask,
-                                  content_mask=content_mask, query_mask=query_mask))
-        x = run_blocks(self.layers, self.embedding(input_ids, position_ids, two_stream=two_stream), ctx, qctx)
+        ctx, qctx = contexts(self.m, b, s, input_ids.device, self.embedding.word.weight.dtype, inputs)
+        h = self.embedding(input_ids, inputs.get("position_ids"), inputs.get("token_type_ids"), two_stream)
+        x = run_blocks(self.layers, h, ctx, qctx)
         return self.logits(x[1] if two_stream else x)

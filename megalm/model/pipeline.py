@@ -19,23 +19,20 @@ from megalm.config import Config, ModelConfig
 from megalm.errors import ConfigError
 from megalm.model.bert import BertHead, bert_logits
 from megalm.model.block import Block
-from megalm.model.context import contexts
+from megalm.model.context import MODEL_INPUTS, contexts
 from megalm.model.embedding import Embedding, vocab_logits
 from megalm.model.gpt import final_norm, output_head
 from megalm.model.init import init_weights
 from megalm.parallel import state
-
-INPUT_NAMES = ("input_ids", "position_ids", "segment_ids", "attention_mask", "token_type_ids", "padding_mask",
-               "content_mask", "query_mask")
 
 
 class Acts:
     """Packs and unpacks DeepSpeed's activation tuple: the stream(s), then the named inputs after input_ids."""
 
     def __init__(self, inputs: Sequence[str], query_stream: bool) -> None:
-        unknown = [n for n in inputs if n not in INPUT_NAMES]
+        unknown = [n for n in inputs if n not in MODEL_INPUTS]
         if unknown or not inputs or inputs[0] != "input_ids":
-            raise ConfigError(f"pipeline inputs must start with input_ids and use only {INPUT_NAMES}; got {inputs}")
+            raise ConfigError(f"pipeline inputs must start with input_ids and use only {MODEL_INPUTS}; got {inputs}")
         self.inputs, self.streams = tuple(inputs), 2 if query_stream else 1
 
     def split(self, acts: tuple) -> tuple:

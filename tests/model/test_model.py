@@ -124,3 +124,10 @@ def test_fused_kernels_match_eager():
     torch.testing.assert_close(l1, l0, atol=1e-5, rtol=1e-5)
     for n in g0:
         torch.testing.assert_close(g1[n], g0[n], atol=1e-5, rtol=1e-4)
+
+
+def test_inputs_are_named_and_a_misspelt_one_is_refused():
+    model = build_model(make_cfg("llama"), VOCAB)
+    ids = torch.randint(0, VOCAB, (1, 16))
+    with pytest.raises(ValueError, match="segment_id'.*segment_ids"):
+        model(ids, segment_id=torch.zeros(1, 16, dtype=torch.long))
