@@ -94,11 +94,11 @@ class HeadPipe(nn.Module):
 
     def __init__(self, m: ModelConfig, vocab_size: int, padded_vocab: int, seed: int) -> None:
         super().__init__()
-        self.vocab_size, self.head = vocab_size, output_head(m, padded_vocab)
+        self.vocab_size, self.head, self.sp = vocab_size, output_head(m, padded_vocab), state.sequence_parallel()
         init_weights(self, m, vocab_size, seed)
 
     def forward(self, h):
-        return vocab_logits(h, self.head.weight, self.vocab_size, state.sequence_parallel())
+        return vocab_logits(h, self.head.weight, self.vocab_size, self.sp)
 
 
 class BertHeadPipe(BertHead):
