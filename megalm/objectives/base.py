@@ -7,13 +7,15 @@ class named as ``objective.name: my_pkg.my_module:MyObjective``.
 from __future__ import annotations
 
 import abc
+import functools
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Mapping
 
 import numpy as np
 import torch
 
 from megalm.config import Config
+from megalm.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,24 @@ class Objective(abc.ABC):
     def __init__(self, cfg: Config, tokenizer: Any):
         self.cfg = cfg
         self.tokenizer = tokenizer
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """An objective's own ``inputs`` must give names: one written for positional inputs fails here, clearly."""
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("inputs")
+        if own is None:
+            return
+
+        @functools.wraps(own)
+        def inputs(self, batch):
+            out = own(self, batch)
+            if not isinstance(out, Mapping):
+                raise ConfigError(f"{cls.__module__}.{cls.__qualname__}.inputs returned a {type(out).__name__}; "
+                                  "it must return a dict of the model's named inputs (model(**inputs)), or be "
+                                  "removed in favour of declaring them in needs(cfg).inputs")
+            return out
+
+        cls.inputs = inputs
 
     @classmethod
     def needs(cls, cfg: Config) -> ModelNeeds:  # noqa: ARG003 - subclasses read cfg; the default does not

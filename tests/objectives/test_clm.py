@@ -80,3 +80,17 @@ def test_document_layout_reproduces_megatron_ltor_masks(seed):
     np.testing.assert_array_equal(batch["loss_mask"][0].numpy(), lm)
     mask = build_mask(1, 64, True, torch.device("cpu"), segment_ids=batch["segment_ids"])
     np.testing.assert_array_equal(mask[0, 0].numpy(), att)
+
+
+def test_an_objective_with_positional_inputs_is_refused_by_name():
+    from megalm.errors import ConfigError
+    from megalm.objectives.clm import CausalLM
+
+    class OldStyle(CausalLM):
+        def inputs(self, batch):
+            return batch["input_ids"], batch["position_ids"]
+
+    obj = OldStyle(clm_cfg(), ToyTokenizer())
+    batch = obj.collate([{"tokens": np.arange(7, 7 + SEQ + 1)}], np.random.default_rng(0))
+    with pytest.raises(ConfigError, match="OldStyle.inputs returned a tuple"):
+        obj.inputs(batch)
