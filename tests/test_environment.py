@@ -6,6 +6,7 @@ import os
 import pytest
 
 from megalm import environment
+from tests.sources import python_files
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # distributed.discover translates the launchers' own variables into RANK & co. (its documented job).
@@ -44,16 +45,12 @@ def _setdefault_lines(path):
 
 def test_environment_is_read_in_one_place():
     offenders = []
-    for dirpath, _, files in os.walk(os.path.join(ROOT, "megalm")):
-        for name in files:
-            if not name.endswith(".py"):
-                continue
-            path = os.path.join(dirpath, name)
-            rel = os.path.relpath(path, ROOT)
-            writes = _setdefault_lines(path)
-            for line, func in _environ_reads(path):
-                if line not in writes and (rel, None) not in ALLOWED and (rel, func) not in ALLOWED:
-                    offenders.append(f"{rel}:{line} ({func})")
+    for path in python_files(os.path.join(ROOT, "megalm")):
+        rel = os.path.relpath(path, ROOT)
+        writes = _setdefault_lines(path)
+        for line, func in _environ_reads(path):
+            if line not in writes and (rel, None) not in ALLOWED and (rel, func) not in ALLOWED:
+                offenders.append(f"{rel}:{line} ({func})")
     assert not offenders, f"read these through megalm.environment (add an accessor there): {offenders}"
 
 

@@ -11,17 +11,16 @@ import os
 
 import pytest
 
+from tests.sources import python_files
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def modules(root: str, package: str) -> dict[str, str]:
     out = {}
-    for d, _, names in os.walk(os.path.join(root, package)):
-        for n in names:
-            if n.endswith(".py"):
-                path = os.path.join(d, n)
-                name = os.path.relpath(path, root)[:-3].replace(os.sep, ".")
-                out[name.removesuffix(".__init__")] = path
+    for path in python_files(os.path.join(root, package)):
+        name = os.path.relpath(path, root)[:-3].replace(os.sep, ".")
+        out[name.removesuffix(".__init__")] = path
     return out
 
 
@@ -112,14 +111,11 @@ def test_downward_imports_are_no_cycle(tmp_path):
 def longest_functions(package_dir: str) -> list[tuple[int, str]]:
     """(lines, 'file:function') of every function under ``package_dir``, longest first."""
     out = []
-    for d, _, names in os.walk(package_dir):
-        for n in names:
-            if n.endswith(".py"):
-                path = os.path.join(d, n)
-                with open(path) as f:
-                    tree = ast.parse(f.read(), path)
-                out += [(node.end_lineno - node.lineno + 1, f"{os.path.relpath(path, ROOT)}:{node.name}")
-                        for node in ast.walk(tree) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))]
+    for path in python_files(package_dir):
+        with open(path) as f:
+            tree = ast.parse(f.read(), path)
+        out += [(node.end_lineno - node.lineno + 1, f"{os.path.relpath(path, ROOT)}:{node.name}")
+                for node in ast.walk(tree) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))]
     return sorted(out, reverse=True)
 
 

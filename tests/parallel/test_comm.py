@@ -13,6 +13,7 @@ import torch.distributed as dist
 
 from megalm.parallel import comm
 from tests.harness import run_ranks
+from tests.sources import python_files
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 COLLECTIVES = {
@@ -67,16 +68,12 @@ def test_scanner_finds_collectives_however_imported():
 
 def test_every_collective_in_megalm_goes_through_comm():
     offenders = []
-    for base, _, files in os.walk(os.path.join(ROOT, "megalm")):
-        for f in files:
-            if not f.endswith(".py"):
-                continue
-            path = os.path.join(base, f)
-            rel = os.path.relpath(path, ROOT).replace(os.sep, "/")
-            if rel in ALLOWED:
-                continue
-            with open(path) as fh:
-                offenders += [f"{rel}:{line} {call}" for line, call in collective_calls(fh.read())]
+    for path in python_files(os.path.join(ROOT, "megalm")):
+        rel = os.path.relpath(path, ROOT).replace(os.sep, "/")
+        if rel in ALLOWED:
+            continue
+        with open(path) as fh:
+            offenders += [f"{rel}:{line} {call}" for line, call in collective_calls(fh.read())]
     assert not offenders, "collectives outside megalm.parallel.comm (route them through it):\n" + "\n".join(offenders)
 
 
