@@ -15,6 +15,7 @@ import torch
 
 from megalm.config import Config
 from megalm.objectives.base import Objective
+from megalm.training import ds_state
 from megalm.training.nonfinite import NonFiniteGuard, install
 from megalm.training.schedule import scheduler_factory
 
@@ -132,6 +133,7 @@ def build_engine(cfg: Config, ds_config: dict, vocab_size: int, objective: Objec
             config=ds_config,
         )
         install(ds, guard, clip)
+        ds_state.streamline_bf16(ds, state.data_size())  # bf16: cheaper fp32 gradient bookkeeping, same bits
         grid = ds.grid
         if (grid.get_slice_parallel_rank(), grid.get_data_parallel_rank(), grid.get_stage_id()) != (
                 state.tensor_rank(), state.data_rank(), state.pipeline_rank()):
@@ -146,5 +148,6 @@ def build_engine(cfg: Config, ds_config: dict, vocab_size: int, objective: Objec
         config=ds_config, mpu=state.mpu(),
     )
     install(ds, guard, clip)
+    ds_state.streamline_bf16(ds, state.data_size())  # bf16: cheaper fp32 gradient bookkeeping, same bits
     return Engine(ds=ds, pipeline=False, dp_rank=state.data_rank(), dp_size=state.data_size(),
                   is_first_stage=True, is_last_stage=True, objective=objective, guard=guard)
