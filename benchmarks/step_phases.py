@@ -66,7 +66,7 @@ def megalm_runner(a: argparse.Namespace, tok: str, prefix: str):
         t0 = time.perf_counter()
         batch = next(batches)
         t1 = time.perf_counter()
-        out = ds(*objective.inputs(batch))
+        out = ds(**objective.inputs(batch))
         loss = engine.loss(out, objective.targets(batch))
         t2 = time.perf_counter()
         ds.backward(loss)

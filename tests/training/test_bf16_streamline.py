@@ -37,7 +37,7 @@ def _train(rank, world_size, streamlined: bool, steps: int = 3):
     losses = []
     for _ in range(steps * 2):
         ids = torch.randint(0, 120, (2, 17), generator=g)
-        out = ds(ids[:, :-1], torch.arange(16).expand(2, 16))
+        out = ds(ids[:, :-1], position_ids=torch.arange(16).expand(2, 16))
         loss = engine.loss(out, (ids[:, 1:], torch.ones(2, 16)))
         ds.backward(loss)
         ds.step()
