@@ -24,7 +24,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import pretrain_vs_hf as bench  # noqa: E402  (benchmarks/pretrain_vs_hf.py: shape, data, HF model)
+import pretrain_vs_hf as bench  # benchmarks/pretrain_vs_hf.py: shape, data, HF model
 
 PHASES = ("data", "forward", "backward", "optimizer", "other")
 
@@ -81,7 +81,7 @@ def megalm_runner(a: argparse.Namespace, tok: str, prefix: str):
     return step, deepspeeds_own
 
 
-def hf_phased(a: argparse.Namespace, prefix: str):
+def hf_phased():
     """benchmarks/pretrain_vs_hf.py's HF step (same model, optimizer and clipping), timed per phase."""
     import transformers
 
@@ -126,7 +126,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     tok, prefix = bench.prepare(a.work)
     mstep, deepspeeds_own = megalm_runner(a, tok, prefix)
-    runners = {"megalm": (mstep, False), "hf": (hf_phased(a, prefix), None)}
+    runners = {"megalm": (mstep, False), "hf": (hf_phased(), None)}
     if a.unstreamlined:
         runners["megalm, DeepSpeed's bf16 bookkeeping"] = (mstep, True)
     times = {name: {} for name in runners}
