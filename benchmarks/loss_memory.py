@@ -44,14 +44,14 @@ def child(a: argparse.Namespace) -> dict:
 
     import torch
 
-    from megalm.parallel import fused
+    from megalm.parallel import compiled_ops
     from megalm.parallel.cross_entropy import vocab_parallel_cross_entropy
 
     torch.set_num_threads(1)
     g = torch.Generator().manual_seed(0)
     labels = torch.randint(0, a.vocab, (a.batch, a.seq), generator=g)
     logits = torch.randn(a.batch, a.seq, a.vocab, generator=g).to(torch.bfloat16).requires_grad_()
-    fused.enable(a.variant == "fused")
+    compiled_ops.enable(a.variant == "fused")
 
     def once() -> tuple:
         t = time.perf_counter()

@@ -72,7 +72,7 @@ def make_cfg(a: argparse.Namespace):
 def ours(a: argparse.Namespace, dtype: torch.dtype, mode: str = "none", inputs: dict | None = None) -> tuple:
     from megalm.build import build_model
     from megalm.model.compile import apply_compile
-    from megalm.parallel import fused
+    from megalm.parallel import compiled_ops
     from megalm.parallel.cross_entropy import vocab_parallel_cross_entropy
 
     model = apply_compile(build_model(make_cfg(a), a.vocab).to(dtype), mode)
@@ -80,7 +80,7 @@ def ours(a: argparse.Namespace, dtype: torch.dtype, mode: str = "none", inputs: 
     inputs = inputs or {}
 
     def step(ids: torch.Tensor, labels: torch.Tensor) -> float:
-        fused.enable(mode in ("fused", "blocks"))  # global switch: modes are timed alternately in one process
+        compiled_ops.enable(mode in ("fused", "blocks"))  # global switch: modes are timed alternately in one process
         loss = vocab_parallel_cross_entropy(model(ids, **inputs), labels).mean()
         loss.backward()
         opt.step()

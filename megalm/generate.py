@@ -61,7 +61,7 @@ def load_model(checkpoint: str, step: Optional[int] = None, tensor: int = 1,
     """(model shard for this TP rank in eval mode, inference cfg, vocab size, tokenizer path or None)."""
     from megalm.hf.export import tokenizer_path
     from megalm.build import build_model
-    from megalm.tp_layout import shard_state_dict
+    from megalm.tp_shard_rules import shard_state_dict
     from megalm.parallel import state
     from megalm.training.checkpoint.paths import resolve_step_dir
     from megalm.training.checkpoint.read_shards import read_full_weights

@@ -1,7 +1,7 @@
 """megalm <-> Hugging Face weights: names, layouts and configs for Llama, GPT-2 and BERT.
 
 Works on *full* (TP-gathered, TP=1) megalm state dicts; ``shard_state_dict`` /
-``gather_state_dicts`` (re-exported from megalm.tp_layout) convert to and
+``gather_state_dicts`` (re-exported from megalm.tp_shard_rules) convert to and
 from per-rank shards. The padded vocabulary is cut to the true size on export
 and re-padded with zero rows on import. Configs an HF class cannot represent
 exactly are refused with a ConfigError naming the feature.
@@ -15,7 +15,7 @@ import torch
 
 from megalm.config import ROPE_SCALING_KEYS, Config, ModelConfig
 from megalm.errors import ConfigError
-from megalm.tp_layout import gather_state_dicts, shard_state_dict, tp_rule  # noqa: F401  (re-export)
+from megalm.tp_shard_rules import gather_state_dicts, shard_state_dict, tp_rule  # noqa: F401  (re-export)
 
 LLAMA, GPT2, BERT = "LlamaForCausalLM", "GPT2LMHeadModel", "BertForPreTraining"
 

@@ -1,7 +1,7 @@
 """``train.compile``: which parts of the model run through torch.compile, applied from outside the model.
 
 ``none`` runs eager; ``fused`` compiles the small memory-bound functions
-(norms, activations, RoPE, the one-rank loss: ``megalm.parallel.fused``);
+(norms, activations, RoPE, the one-rank loss: ``megalm.parallel.compiled_ops``);
 ``blocks`` compiles each Transformer block (as torchtitan does) and
 the fused functions outside the blocks. ``auto`` (the default) is resolved
 before the run's config.yaml is written (see ``resolve_compile``). A mode
@@ -39,12 +39,12 @@ def resolve_compile(mode: str, device_type: str) -> str:
 
 def apply_compile(model: torch.nn.Module, mode: str) -> torch.nn.Module:
     """Set up ``mode`` on ``model`` in place (``auto``: resolved for the parameters' device); returns the model."""
-    from megalm.parallel import fused
+    from megalm.parallel import compiled_ops
 
     if mode == "auto":
         param = next(model.parameters(), None)
         mode = resolve_compile(mode, param.device.type if param is not None else "cpu")
-    fused.enable(mode in ("fused", "blocks"))
+    compiled_ops.enable(mode in ("fused", "blocks"))
     if mode == "blocks":
         from megalm.model.block import Block
 

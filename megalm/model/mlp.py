@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from megalm.config import ModelConfig
-from megalm.parallel.fused import fusable
+from megalm.parallel.compiled_ops import fusable
 from megalm.parallel.layers import ColumnParallelLinear, RowParallelLinear
 
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from megalm.config import ModelConfig
 from megalm.parallel import state
-from megalm.parallel.fused import fusable
+from megalm.parallel.compiled_ops import fusable
 from megalm.parallel.layers import mark_sequence_parallel
 from megalm.parallel.mappings import copy_to_tensor_region
 

@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from megalm.parallel.fused import fusable
+from megalm.parallel.compiled_ops import fusable
 
 
 def sinusoidal_table(positions: int, dim: int) -> torch.Tensor:

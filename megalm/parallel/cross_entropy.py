@@ -15,8 +15,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from megalm.parallel import state
-from megalm.parallel.fused import enabled as fused_enabled
-from megalm.parallel.fused import fusable
+from megalm.parallel.compiled_ops import enabled as fused_enabled
+from megalm.parallel.compiled_ops import fusable
 
 _CHUNK_ELEMENTS = 1 << 24  # fp32 scratch per chunk (64 MB): bounds memory for large vocabularies
 

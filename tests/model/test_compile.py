@@ -11,7 +11,7 @@ import megalm.config as C
 from megalm.errors import ConfigError
 from megalm.build import build_model
 from megalm.model.compile import FASTEST, apply_compile, resolve_compile
-from megalm.parallel import fused
+from megalm.parallel import compiled_ops
 from megalm.parallel.cross_entropy import vocab_parallel_cross_entropy
 from tests.parallel.tp_check import VOCAB, make_batch, make_cfg
 from tests.training.conftest import losses, run_pretrain, tiny_data  # noqa: F401  (fixture re-used)
@@ -34,7 +34,7 @@ def _loss_and_grads(mode: str, variant: str = "llama"):
         loss.backward()
         return loss.detach(), {n: p.grad for n, p in model.named_parameters()}
     finally:
-        fused.enable(False)
+        compiled_ops.enable(False)
 
 
 @pytest.mark.slow
@@ -60,7 +60,7 @@ def test_a_block_that_fails_to_compile_runs_eagerly_with_one_warning(monkeypatch
     monkeypatch.setattr(mc, "_warned", [])
     with caplog.at_level(logging.WARNING, logger="megalm.model.compile"):
         model = apply_compile(build_model(make_cfg("llama"), VOCAB), "blocks")
-        fused.enable(False)
+        compiled_ops.enable(False)
         b = make_batch("llama")
         for _ in range(2):
             loss = vocab_parallel_cross_entropy(model(**b["kwargs"]), b["labels"]).mean()

@@ -105,13 +105,13 @@ def test_two_stream_needs_plm_model():
 
 @pytest.mark.slow
 def test_fused_kernels_match_eager():
-    from megalm.parallel import fused
+    from megalm.parallel import compiled_ops
     from megalm.parallel.cross_entropy import vocab_parallel_cross_entropy
 
     torch._dynamo.reset()
     results = []
     for on in (False, True):
-        fused.enable(on)
+        compiled_ops.enable(on)
         try:
             model = build_model(make_cfg("llama"), VOCAB)
             b = make_batch("llama")
@@ -119,7 +119,7 @@ def test_fused_kernels_match_eager():
             loss.backward()
             results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
         finally:
-            fused.enable(False)
+            compiled_ops.enable(False)
     (l0, g0), (l1, g1) = results
     torch.testing.assert_close(l1, l0, atol=1e-5, rtol=1e-5)
     for n in g0:

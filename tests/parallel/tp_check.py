@@ -8,7 +8,7 @@ import torch.distributed as dist
 
 import megalm.config as C
 from megalm.build import build_model
-from megalm.tp_layout import tp_rule
+from megalm.tp_shard_rules import tp_rule
 from megalm.parallel import state
 from megalm.parallel.cross_entropy import vocab_parallel_cross_entropy
 from megalm.parallel.layers import shard

@@ -24,7 +24,7 @@ from megalm.training.checkpoint.shard_writer import ShardWriter
 def write_checkpoint(root: str, cfg: Config, vocab_size: int, weights: dict[str, torch.Tensor],
                      tokenizer_path: Optional[str] = None, step: int = 0) -> str:
     """Write ``weights`` (full tensors keyed by ``build_model`` names) as ``root/step_N``; return its path."""
-    from megalm.tp_layout import tp_rule
+    from megalm.tp_shard_rules import tp_rule
 
     cfg = cfg.replace(model=dataclasses.replace(cfg.model, vocab_size=vocab_size))
     name = step_name(step)
