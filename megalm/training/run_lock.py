@@ -28,7 +28,8 @@ def _me() -> dict:
             "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether ``pid`` is a live process on this host (a zombie or dead entry counts as gone)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -45,7 +46,7 @@ def _alive(pid: int) -> bool:
 def _stale(holder: dict, me: dict) -> bool:
     if holder.get("slurm_job") and holder.get("slurm_job") == me["slurm_job"]:
         return True  # this job, requeued: the earlier incarnation is gone
-    return holder.get("host") == me["host"] and not _alive(int(holder.get("pid", -1)))
+    return holder.get("host") == me["host"] and not process_alive(int(holder.get("pid", -1)))
 
 
 def _read(path: str) -> Optional[dict]:

@@ -32,6 +32,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
+from megalm.training.run_lock import process_alive
+
 log = logging.getLogger(__name__)
 
 PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge", "libpmix2", "openmpi-bin", "libopenmpi-dev")
@@ -86,21 +88,6 @@ def _read_pid(path: str) -> Optional[int]:
         return None
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # a zombie child of ours counts as gone
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def _stop_pid(pid: int, grace: float = 10.0) -> None:
     """SIGTERM, wait up to ``grace`` seconds, then SIGKILL."""
     try:
@@ -109,7 +96,7 @@ def _stop_pid(pid: int, grace: float = 10.0) -> None:
         return
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline:
-        if not _alive(pid):
+        if not process_alive(pid):
             return
         time.sleep(0.1)
     try:
@@ -266,7 +253,7 @@ PartitionName=debug Nodes={','.join(NODES)} Default=YES MaxTime=INFINITE State=U
             if other_root == self.root:
                 continue
             pid = _read_pid(os.path.join(other_root, "slurmctld.pid"))
-            if pid and _alive(pid):
+            if pid and process_alive(pid):
                 return True
             try:
                 os.remove(path)  # a cluster that died without stopping
@@ -305,7 +292,7 @@ PartitionName=debug Nodes={','.join(NODES)} Default=YES MaxTime=INFINITE State=U
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
             pid = _read_pid(pidfile)
-            if pid and _alive(pid):
+            if pid and process_alive(pid):
                 return pid
             time.sleep(0.1)
         raise RuntimeError(f"{what} did not start (pidfile {pidfile}); its log:\n{_tail(logfile)}")
