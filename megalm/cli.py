@@ -66,8 +66,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     except MegalmError as e:
         print(f"megalm {ns.command}: error: {e}", file=sys.stderr)
         return e.exit_code
-    if ns.command == "train":
-        module.exit_without_teardown(code)  # a finished job exits with its own code (see there)
+    if ns.command in ("train", "generate"):  # multi-rank: a finished job exits with its own code (see there)
+        from megalm.distributed import exit_without_teardown
+
+        exit_without_teardown(code)
     return code
 
 

@@ -12,6 +12,7 @@ import logging
 import os
 import socket
 import subprocess
+import sys
 from typing import Optional
 
 from megalm import environment
@@ -147,3 +148,24 @@ def device() -> "torch.device":  # noqa: F821 - string annotation keeps torch im
     if torch.cuda.is_available():
         return torch.device("cuda", environment.local_rank())
     return torch.device("cpu")
+
+
+def exit_without_teardown(code: int) -> None:
+    """Run the atexit handlers (run lock, process group, W&B), flush, then ``os._exit``.
+
+    A finished multi-rank command (training, generation) must exit with its own code: under load, the
+    interpreter's teardown of DeepSpeed/gloo objects sometimes aborts ("terminate called without an active
+    exception", SIGABRT) after the work has ended, which Slurm and torchrun count as a failed task. Nothing
+    of ours is left to do by then.
+    """
+    atexit._run_exitfuncs()
+    mpi = sys.modules.get("mpi4py.MPI")  # under mpirun: mpirun counts a rank that skips MPI_Finalize as failed
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        mpi.Finalize()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)

@@ -234,4 +234,6 @@ def main(argv: Optional[list] = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from megalm.distributed import exit_without_teardown
+
+    exit_without_teardown(main())

@@ -222,27 +222,7 @@ def _write_run_info(cfg, engine, rank: int, world: int) -> None:
         logging.getLogger("megalm").info(f"parameter elements held per rank: {counts}")
 
 
-def exit_without_teardown(code: int) -> None:
-    """Run the atexit handlers (run lock, process group, W&B), flush, then ``os._exit``.
-
-    A finished job must exit with its own code: under load, the interpreter's teardown of DeepSpeed/gloo
-    objects sometimes aborts ("terminate called without an active exception", SIGABRT) after training
-    has ended, which Slurm would count as a failed task. Nothing of ours is left to do by then.
-    """
-    import atexit
-
-    atexit._run_exitfuncs()
-    mpi = sys.modules.get("mpi4py.MPI")  # under mpirun: mpirun counts a rank that skips MPI_Finalize as failed
-    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
-        mpi.Finalize()
-    logging.shutdown()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):
-            pass
-    os._exit(code)
-
-
 if __name__ == "__main__":
+    from megalm.distributed import exit_without_teardown
+
     exit_without_teardown(main())
