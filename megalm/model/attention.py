@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from megalm.config import ModelConfig
+from megalm.model.causal_attention import causal_attention
 from megalm.model.context import AttnContext
 from megalm.model.documents import documents_attention
 from megalm.model.positions import apply_rope
@@ -84,6 +85,8 @@ class Attention(nn.Module):
         with get_tracker().fork():  # heads differ per TP rank, so must their dropout
             if ctx.documents is not None:
                 o = documents_attention(q, k, v, ctx.documents, p, gqa)
+            elif ctx.causal and mask is None:
+                o = causal_attention(q, k, v, p, gqa)
             else:
                 o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p,
                                                    is_causal=ctx.causal and mask is None, enable_gqa=gqa)

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
+
+from megalm.model.causal_attention import causal_attention
 
 BLOCK = 128  # FlexAttention's default block size
 
@@ -107,8 +108,7 @@ def documents_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs:
         return flex_attention(q, k, v, block_mask=docs.block_mask, enable_gqa=gqa)  # CPU: forward only
     rows = []
     for i, spans in enumerate(docs.spans):
-        parts = [F.scaled_dot_product_attention(q[i:i + 1, :, a:e], k[i:i + 1, :, a:e], v[i:i + 1, :, a:e],
-                                                dropout_p=dropout_p, is_causal=True, enable_gqa=gqa)
+        parts = [causal_attention(q[i:i + 1, :, a:e], k[i:i + 1, :, a:e], v[i:i + 1, :, a:e], dropout_p, gqa)
                  for a, e in spans]
         rows.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=2))
     return torch.cat(rows, dim=0)
