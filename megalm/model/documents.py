@@ -3,8 +3,9 @@
 ``packed_documents`` turns a batch's segment ids into a layout built once per
 batch and shared by every layer: FlexAttention block indices (O((s/128)^2)
 small ints, fully masked blocks skipped) for CUDA, and each document's span
-for one causal SDPA per document elsewhere (exact; torch's FlexAttention has
-no CPU backward) and under attention dropout (FlexAttention has none).
+for one causal attention call per distinct span, batched over the rows that
+share it, elsewhere (exact; torch's FlexAttention has no CPU backward) and
+under attention dropout (FlexAttention has none).
 """
 
 from __future__ import annotations
@@ -106,9 +107,28 @@ def documents_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs:
         from torch.nn.attention.flex_attention import flex_attention
 
         return flex_attention(q, k, v, block_mask=docs.block_mask, enable_gqa=gqa)  # CPU: forward only
-    rows = []
-    for i, spans in enumerate(docs.spans):
-        parts = [causal_attention(q[i:i + 1, :, a:e], k[i:i + 1, :, a:e], v[i:i + 1, :, a:e], dropout_p, gqa)
-                 for a, e in spans]
-        rows.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=2))
-    return torch.cat(rows, dim=0)
+    return _per_span(q, k, v, docs.spans, dropout_p, gqa)
+
+
+def _per_span(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans: tuple, dropout_p: float,
+              gqa: bool) -> torch.Tensor:
+    """One causal attention call per distinct (start, end) span, batched over the rows that hold it.
+
+    Rows that are one whole document (the common case when documents are longer than samples) share
+    the span (0, s) and so run as one batched call, as fast as plain causal attention.
+    """
+    rows_of: dict = {}
+    for i, row in enumerate(spans):
+        for span in row:
+            rows_of.setdefault(span, []).append(i)
+    out = {}
+    for (a, e), rows in rows_of.items():
+        if len(rows) == q.size(0):
+            part = causal_attention(q[:, :, a:e], k[:, :, a:e], v[:, :, a:e], dropout_p, gqa)
+        else:
+            idx = torch.tensor(rows, device=q.device)
+            part = causal_attention(q[idx, :, a:e], k[idx, :, a:e], v[idx, :, a:e], dropout_p, gqa)
+        for j, i in enumerate(rows):
+            out[i, a] = part[j:j + 1]
+    pieces = [[out[i, a] for a, _ in row] for i, row in enumerate(spans)]
+    return torch.cat([p[0] if len(p) == 1 else torch.cat(p, dim=2) for p in pieces], dim=0)

@@ -138,6 +138,28 @@ def test_flex_block_mask_equals_dense_mask_and_its_attention():
     torch.testing.assert_close(spans, ref, atol=1e-5, rtol=0)
 
 
+def test_rows_sharing_spans_run_batched_and_match_the_dense_mask():
+    """Rows with the same document spans (whole-document rows, repeated splits) share one call per span; a span
+    in the CPU split band (400 tokens) takes the two half-calls. Outputs and q/k/v gradients equal the dense mask's."""
+    s = 448
+    seg = torch.zeros(5, s, dtype=torch.long)
+    seg[0, 48:] = 1  # spans (0, 48), (48, 448): the second is in the split band
+    seg[2, 48:] = 1  # the same spans as row 0
+    seg[3, 200:] = 1  # its own spans; rows 1 and 4 are one whole document each
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(5, 4, s, 16, generator=g, requires_grad=True)
+    k, v = (torch.randn(5, 2, s, 16, generator=g, requires_grad=True) for _ in range(2))  # GQA: 2 kv heads
+    dense = (torch.ones(s, s, dtype=torch.bool).tril() & _dense_same_document(seg)[:, 0])[:, None]
+    go = torch.randn(5, 4, s, 16, generator=g)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=dense, enable_gqa=True)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), go)
+    got = documents_attention(q, k, v, packed_documents(seg, flex=False), 0.0, True)
+    got_grads = torch.autograd.grad(got, (q, k, v), go)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
+    for name, a, b in zip("qkv", got_grads, ref_grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0, msg=name)
+
+
 def test_mask_memory_at_seq_8192_is_blocks_not_tokens_squared():
     s = 8192
     seg = (torch.arange(s) // 1000).unsqueeze(0)  # nine documents, boundaries inside blocks
