@@ -46,3 +46,30 @@ def test_when_it_splits():
     for s in (SPLIT_LENGTHS[0] - 1, SPLIT_LENGTHS[1] + 1):
         q, k, _ = _qkv(s)
         assert not splits_on_cpu(q, k, 0.0)
+
+
+def _model_loss_and_grads(seq):
+    import megalm.config as C
+    from megalm.build import build_model
+    from megalm.parallel.cross_entropy import vocab_parallel_cross_entropy
+
+    cfg = C.from_dict({"model": dict(arch="gpt", num_layers=2, hidden_size=64, num_heads=8, num_kv_heads=4,
+                                     seq_length=seq, make_vocab_size_divisible_by=8), "train": {"seed": 7}})
+    model = build_model(cfg, 90)
+    g = torch.Generator().manual_seed(3)
+    ids, labels = (torch.randint(0, 90, (2, seq), generator=g) for _ in range(2))
+    logits = model(input_ids=ids)
+    vocab_parallel_cross_entropy(logits, labels).mean().backward()
+    return logits.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+
+def test_a_gpt_in_the_split_band_matches_one_call(monkeypatch):
+    import megalm.model.causal_attention as ca
+
+    seq = 400
+    logits, grads = _model_loss_and_grads(seq)
+    monkeypatch.setattr(ca, "SPLIT_LENGTHS", (seq + 1, seq + 1))  # the same model, one is_causal call per layer
+    ref_logits, ref_grads = _model_loss_and_grads(seq)
+    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=0)
+    for n in ref_grads:
+        torch.testing.assert_close(grads[n], ref_grads[n], atol=1e-5, rtol=0, msg=n)
