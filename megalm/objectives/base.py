@@ -91,6 +91,7 @@ class Objective(abc.ABC):
         """Tokens processed (for tokens/s)."""
         return int(batch["input_ids"].numel())
 
-    def metrics(self, output: Any, targets: tuple[torch.Tensor, ...]) -> dict[str, float]:  # noqa: ARG002 - a hook
-        """Extra per-micro-batch numbers worth logging beside the loss (e.g. MLM and SOP parts)."""
+    def metrics(self, output: Any, targets: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:  # noqa: ARG002 - a hook
+        """Extra per-micro-batch numbers worth logging beside the loss (e.g. MLM and SOP parts), as 0-d tensors
+        left on the device: the step averages them with the loss in one all-reduce (floats would sync each)."""
         return {}

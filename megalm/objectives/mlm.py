@@ -172,10 +172,10 @@ class MaskedLM(Objective):
         return mlm if binary_loss is None else mlm + binary_loss
 
     @torch.no_grad()
-    def metrics(self, output, targets) -> dict[str, float]:
+    def metrics(self, output, targets) -> dict[str, torch.Tensor]:
         mlm, binary_loss, binary = self._parts(output, targets)
-        out = {"mlm_loss": float(mlm)}
+        out = {"mlm_loss": mlm.detach()}
         if binary_loss is not None:
-            out["binary_loss"] = float(binary_loss)
-            out["binary_acc"] = float((binary.argmax(-1) == targets[2]).float().mean())
+            out["binary_loss"] = binary_loss.detach()
+            out["binary_acc"] = (binary.argmax(-1) == targets[2]).float().mean()
         return out

@@ -76,9 +76,20 @@ class StepRunner:
             losses.append(loss.detach())
             with torch.no_grad():
                 for k, v in objective.metrics(out, targets).items():
-                    extras.setdefault(k, []).append(float(v))
-        metrics = {k: dp_mean(sum(v) / len(v), engine) for k, v in extras.items()}
-        return StepResult(dp_mean(torch.stack(losses).mean(), engine), tokens, metrics)
+                    extras.setdefault(k, []).append(torch.as_tensor(v, device=loss.device).detach().float())
+        return self._reduce(losses, extras, tokens)
+
+    def _reduce(self, losses: list, extras: dict, tokens: int) -> StepResult:
+        """The step's loss and metrics, averaged over micro-batches and DP ranks in one all-reduce and one
+        host copy (on CUDA each float() of a device value would be a sync of its own)."""
+        from megalm.parallel import state
+
+        names = sorted(extras)
+        values = torch.stack([torch.stack(losses).float().mean()] +
+                             [torch.stack([x.reshape(()) for x in extras[k]]).mean() for k in names])
+        group = state.data_group() if self.engine.dp_size > 1 else None
+        means = comm.all_reduce(values, "mean", group).tolist()
+        return StepResult(means[0], tokens, dict(zip(names, means[1:])))
 
     def _stage_tokens(self) -> int:
         # Middle pipeline stages pull no data; count what the first stage saw.
