@@ -18,6 +18,7 @@ from megalm.model.causal_attention import causal_attention
 from megalm.model.context import AttnContext
 from megalm.model.documents import documents_attention
 from megalm.model.positions import apply_rope
+from megalm.model.two_stream import two_stream_attention
 from megalm.parallel import state
 from megalm.parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megalm.parallel.random import checkpoint, get_tracker
@@ -73,6 +74,19 @@ class Attention(nn.Module):
         if self.recompute_core and self.training:
             return checkpoint(self._core, q, k, v, ctx)
         return self._core(q, k, v, ctx)
+
+    def core_two_stream(self, qh: torch.Tensor, qg: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        ctx: AttnContext) -> tuple:
+        """PLM's content and query streams on this rank's heads by factorisation order (``ctx.order``) -> two
+        [b, s, heads*d]; one gather of k and v serves both."""
+        if self.recompute_core and self.training:
+            return checkpoint(self._core_two_stream, qh, qg, k, v, ctx)
+        return self._core_two_stream(qh, qg, k, v, ctx)
+
+    def _core_two_stream(self, qh, qg, k, v, ctx: AttnContext) -> tuple:
+        p = self.dropout if self.training else 0.0
+        with get_tracker().fork():  # heads differ per TP rank, so must their dropout
+            return two_stream_attention(qh, qg, k, v, ctx.order, p, self.kv_heads != self.heads)
 
     def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
         mask, row_ok = self._local_heads(ctx.mask), self._local_heads(ctx.row_ok)

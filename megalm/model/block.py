@@ -77,8 +77,11 @@ class Block(nn.Module):
         gn = g if self.post else self.attn_norm(g)
         qh, k, v = att.project(hn, ctx)
         qg, _, _ = att.project(gn, query_ctx)
-        ah = att.out(att.core(qh, k, v, ctx))
-        ag = att.out(att.core(qg, k, v, query_ctx))
+        if ctx.order is not None:  # PLM by factorisation order: no masks, k and v gathered once for both
+            ah, ag = (att.out(o) for o in att.core_two_stream(qh, qg, k, v, ctx))
+        else:
+            ah = att.out(att.core(qh, k, v, ctx))
+            ag = att.out(att.core(qg, k, v, query_ctx))
         if self.post:
             h, g = self.attn_norm(h + self._drop(ah)), self.attn_norm(g + self._drop(ag))
         else:

@@ -17,6 +17,7 @@ import torch
 from megalm.config import ModelConfig
 from megalm.model.documents import Documents, packed_documents
 from megalm.model.positions import alibi_bias, alibi_slopes, rope_cos_sin
+from megalm.model.two_stream import FactorisationOrder, dense_masks, factorisation_order
 from megalm.parallel import state
 
 
@@ -31,6 +32,7 @@ class AttnContext:
     documents: Optional[Documents] = None  # causal attention within packed documents, no [s, s] mask
     key_padding: Optional[torch.Tensor] = None  # bool [b, 1, 1, s], True = a real key (every row has one)
     bias: Optional[torch.Tensor] = None  # float [b, local heads, s, s] added to the scores (ALiBi)
+    order: Optional[FactorisationOrder] = None  # PLM's two streams by factorisation order, no [s, s] mask
 
 
 def build_mask(batch: int, seq: int, causal: bool, device: torch.device,
@@ -111,7 +113,8 @@ def _decode_mask(n: int, past: int, device: torch.device) -> Optional[torch.Tens
     return (keys <= (past + torch.arange(n, device=device))[:, None])[None, None]
 
 
-CONTEXT_INPUTS = ("position_ids", "segment_ids", "padding_mask", "attention_mask", "content_mask", "query_mask")
+CONTEXT_INPUTS = ("position_ids", "segment_ids", "padding_mask", "attention_mask", "content_mask", "query_mask",
+                  "order_rank")
 # Every named input a model (and the first pipeline stage) takes: the embedding reads position and token-type
 # ids, ``contexts`` the rest. A new optional input is a name here and its use in ``contexts`` (or the embedding).
 MODEL_INPUTS = ("input_ids", "token_type_ids", *CONTEXT_INPUTS)
@@ -128,14 +131,22 @@ def contexts(m: ModelConfig, batch: int, seq: int, device: torch.device, dtype: 
     """(content-stream context, query-stream context or None) for ``seq`` new positions after ``past`` cached ones.
 
     ``inputs`` are the model's named inputs; those in CONTEXT_INPUTS shape attention, the rest are not read.
-    GPT attends causally, BERT bidirectionally; the two-stream masks (PLM) say everything themselves.
+    GPT attends causally, BERT bidirectionally; the two-stream masks (PLM) say everything themselves, and so
+    do PLM's order ranks (``order_rank`` [b, s]: the same masks, run by factorisation order without them).
     """
-    pos, seg, pad, mask, content, query = (inputs.get(k) for k in CONTEXT_INPUTS)
+    pos, seg, pad, mask, content, query, rank = (inputs.get(k) for k in CONTEXT_INPUTS)
     if pos is None:
         pos = torch.arange(past, past + seq, device=device).unsqueeze(0).expand(batch, seq)
     rope = (rope_cos_sin(pos, m.hidden_size // m.num_heads, m.rope_base, dtype, m.rope_scaling)
             if m.position == "rope" else None)
     bias = _position_bias(m, pos, past, dtype)
+    if rank is not None:
+        if content is not None or query is not None:
+            raise ValueError("give PLM's order_rank or its content_mask and query_mask, not both")
+        if bias is None and not past:
+            order = factorisation_order(rank)
+            return AttnContext(causal=False, rope=rope, order=order), AttnContext(causal=False, rope=rope, order=order)
+        content, query = dense_masks(rank)  # a dense score bias (ALiBi) anyway: the masks cost nothing more
     if content is not None or query is not None:
         return tuple(_with_bias(make_context(build_mask(batch, seq, False, device, attention_mask=x), False, rope),
                                 bias, seq, past) for x in (content, query))

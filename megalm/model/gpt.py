@@ -2,7 +2,7 @@
 
 Returns this TP rank's logits shard; the loss is ``vocab_parallel_cross_entropy``.
 Built with ``query_stream`` it also runs the PLM (XLNet two-stream) path: given
-``content_mask`` and ``query_mask`` it returns the query stream's logits.
+``order_rank`` (or ``content_mask`` and ``query_mask``) it returns the query stream's logits.
 """
 
 from __future__ import annotations
@@ -57,12 +57,13 @@ class GPTModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, two_stream: Optional[bool] = None,
                 **inputs: Optional[torch.Tensor]) -> torch.Tensor:
         """Logits for ``input_ids`` given named ``inputs`` (``megalm.model.context.MODEL_INPUTS``: position_ids,
-        segment_ids, attention_mask; PLM's content_mask and query_mask). ``two_stream`` (default: whether
-        ``query_mask`` is given) returns the query stream's logits."""
+        segment_ids, attention_mask; PLM's order_rank, or its content_mask and query_mask). ``two_stream``
+        (default: whether order_rank or query_mask is given) returns the query stream's logits."""
         check_inputs(inputs)
-        two_stream = inputs.get("query_mask") is not None if two_stream is None else two_stream
-        if two_stream and inputs.get("query_mask") is None:
-            raise ValueError("two_stream=True needs content_mask and query_mask")
+        plm = inputs.get("order_rank") is not None or inputs.get("query_mask") is not None
+        two_stream = plm if two_stream is None else two_stream
+        if two_stream and not plm:
+            raise ValueError("two_stream=True needs order_rank, or content_mask and query_mask")
         b, s = input_ids.shape
         ctx, qctx = contexts(self.m, b, s, input_ids.device, self.embedding.word.weight.dtype, inputs)
         h = self.embedding(input_ids, inputs.get("position_ids"), inputs.get("token_type_ids"), two_stream)

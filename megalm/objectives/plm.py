@@ -1,10 +1,11 @@
 """Permutation LM (XLNet): a random factorisation order per sample, two-stream attention, partial prediction.
 
-The data-loader side draws each sample's order and turns it into the two
-attention masks (content: keys at or before the query in the order; query
-stream: strictly before), so the model needs no idea of permutations and the
-masks travel through the pipeline like any other input. Only the last
-1/``plm_k`` of each order is predicted, from the query stream.
+The data-loader side draws each sample's order and hands the model its ranks
+(``order_rank`` [b, s]); the model runs both streams by that order without
+[s, s] masks (content: keys at or before the query in the order; query stream:
+strictly before; ``megalm.model.two_stream``), and the ranks travel through the
+pipeline like any other input. Only the last 1/``plm_k`` of each order is
+predicted, from the query stream.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import numpy as np
 import torch
 
 from megalm.errors import ConfigError
+from megalm.model.two_stream import dense_masks
 from megalm.objectives.base import ModelNeeds, Objective
 from megalm.objectives.clm import masked_token_loss
 
@@ -41,10 +43,8 @@ def order_ranks(b: int, s: int, rng: np.random.Generator, span_lengths: np.ndarr
 
 
 def two_stream_masks(rank: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(content_mask, query_mask), bool [b, 1, s, s]; True where query i may attend to key j."""
-    before_or_self = rank[:, None, :] <= rank[:, :, None]
-    before = rank[:, None, :] < rank[:, :, None]
-    return before_or_self.unsqueeze(1), before.unsqueeze(1)
+    """(content_mask, query_mask), bool [b, 1, s, s]; True where query i may attend to key j (the dense form)."""
+    return dense_masks(rank)
 
 
 def num_predicted(seq_length: int, k: int) -> int:
@@ -63,7 +63,7 @@ class PermutationLM(Objective):
         if cfg.model.arch != "gpt":
             raise ConfigError(
                 f"objective.name=plm runs on the two-stream path of model.arch=gpt, got model.arch={cfg.model.arch!r}; "
-                "its attention is set entirely by the permutation masks, so the backbone is bidirectional anyway"
+                "its attention is set entirely by the factorisation order, so the backbone is bidirectional anyway"
             )
         o = cfg.objective
         if o.plm_span_order and o.max_span_length < 1:
@@ -76,13 +76,10 @@ class PermutationLM(Objective):
         b, s = tokens.shape
         spans = rng.integers(1, o.max_span_length + 1, size=(b, s)) if o.plm_span_order else None
         rank = torch.from_numpy(order_ranks(b, s, rng, spans))
-        content, query = two_stream_masks(rank)
         target = rank >= s - num_predicted(s, o.plm_k)
         return {
             "input_ids": torch.from_numpy(tokens),
             "position_ids": torch.arange(s).expand(b, s).contiguous(),
-            "content_mask": content,
-            "query_mask": query,
             "labels": torch.from_numpy(tokens),
             "loss_mask": target.to(torch.float32),
             "order_rank": rank,
@@ -90,7 +87,7 @@ class PermutationLM(Objective):
 
     @classmethod
     def needs(cls, cfg) -> ModelNeeds:  # noqa: ARG003 - the interface's signature; PLM's needs are fixed
-        return ModelNeeds(inputs=("input_ids", "position_ids", "content_mask", "query_mask"), query_stream=True)
+        return ModelNeeds(inputs=("input_ids", "position_ids", "order_rank"), query_stream=True)
 
     def targets(self, batch):
         return batch["labels"], batch["loss_mask"]

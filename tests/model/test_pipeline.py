@@ -90,7 +90,7 @@ def test_default_inputs_follow_objective():
     from megalm.build import default_inputs
 
     assert default_inputs(make_cfg("llama")) == ("input_ids", "position_ids")
-    assert default_inputs(make_cfg("plm"))[-2:] == ("content_mask", "query_mask")
+    assert default_inputs(make_cfg("plm"))[-1:] == ("order_rank",)
     assert default_inputs(make_cfg("bert")) == ("input_ids", "token_type_ids", "padding_mask")
 
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from megalm import config as C
 from megalm.errors import ConfigError
 from megalm.objectives import build_objective
-from megalm.objectives.plm import num_predicted, order_ranks
+from megalm.objectives.plm import num_predicted, order_ranks, two_stream_masks
 from tests.objectives.conftest import EmbeddingTap, ToyTokenizer
 
 SEQ = 16
@@ -37,7 +37,7 @@ def test_orders_are_permutations_and_masks_follow_them(span):
     assert (rank.sort(-1).values == torch.arange(SEQ)).all()
     # 64 samples, 16 tokens: the orders differ between samples
     assert len({tuple(r.tolist()) for r in rank}) == 64
-    content, query = batch["content_mask"][:, 0], batch["query_mask"][:, 0]
+    content, query = (m[:, 0] for m in two_stream_masks(rank))  # the masks the order stands for (dense form)
     for b in range(4):
         for i in range(SEQ):
             for j in range(SEQ):
