@@ -31,6 +31,7 @@ Position = Literal["learned", "sinusoidal", "rope", "alibi"]
 Norm = Literal["layernorm", "rmsnorm"]
 NormPosition = Literal["pre", "post"]
 Activation = Literal["gelu", "swiglu"]
+TwoStreamAttention = Literal["auto", "order", "masks"]
 BinaryHead = Literal["sop", "nsp", "none"]
 PipelinePartition = Literal["uniform", "parameters"]
 ZeroStage = Literal[0, 1, 2, 3]
@@ -75,6 +76,9 @@ class ModelConfig:
     tie_embeddings: bool = _doc(True, "the output head shares the input embedding's weight")
     hidden_dropout: float = _doc(0.0, "dropout after attention and MLP")
     attention_dropout: float = _doc(0.0, "dropout of the attention probabilities")
+    two_stream_attention: TwoStreamAttention = _doc(
+        "auto", "PLM: both streams by factorisation order (no [s, s] masks), as dense masks, or auto: the faster "
+        "measured per device and seq_length (docs/model.md)")
     init_std: float = _doc(0.02, "standard deviation of the normal weight init")
     num_token_types: int = _doc(0, "BERT: 2 (segment A/B)")
 

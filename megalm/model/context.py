@@ -17,7 +17,7 @@ import torch
 from megalm.config import ModelConfig
 from megalm.model.documents import Documents, packed_documents
 from megalm.model.positions import alibi_bias, alibi_slopes, rope_cos_sin
-from megalm.model.two_stream import FactorisationOrder, dense_masks, factorisation_order
+from megalm.model.two_stream import FactorisationOrder, dense_masks, factorisation_order, use_order
 from megalm.parallel import state
 
 
@@ -143,10 +143,10 @@ def contexts(m: ModelConfig, batch: int, seq: int, device: torch.device, dtype: 
     if rank is not None:
         if content is not None or query is not None:
             raise ValueError("give PLM's order_rank or its content_mask and query_mask, not both")
-        if bias is None and not past:
+        if bias is None and not past and use_order(m.two_stream_attention, seq, device):
             order = factorisation_order(rank)
             return AttnContext(causal=False, rope=rope, order=order), AttnContext(causal=False, rope=rope, order=order)
-        content, query = dense_masks(rank)  # a dense score bias (ALiBi) anyway: the masks cost nothing more
+        content, query = dense_masks(rank)  # measured faster here, or a dense score bias (ALiBi) anyway
     if content is not None or query is not None:
         return tuple(_with_bias(make_context(build_mask(batch, seq, False, device, attention_mask=x), False, rope),
                                 bias, seq, past) for x in (content, query))

@@ -17,6 +17,18 @@ import torch
 import torch.nn.functional as F
 
 
+# Shortest sequence at which the order path beat the dense masks on this CPU (benchmarks/plm_streams.py, docs/model.md);
+# below it the masks' extra work (no causal block skipping to gain) costs less than the order path's gathers.
+CPU_ORDER_MIN_SEQ = 1024
+
+
+def use_order(mode: str, seq: int, device: torch.device) -> bool:
+    """``model.two_stream_attention``: "order" | "masks", or "auto": order except on CPU below CPU_ORDER_MIN_SEQ."""
+    if mode != "auto":
+        return mode == "order"
+    return device.type != "cpu" or seq >= CPU_ORDER_MIN_SEQ
+
+
 @dataclass(frozen=True)
 class FactorisationOrder:
     order: torch.Tensor  # int64 [b, s]: original position of the t-th token of the order

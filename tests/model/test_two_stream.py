@@ -8,7 +8,8 @@ import torch.nn.functional as F
 import megalm.config as C
 from megalm.build import build_model, pipeline_layers
 from megalm.model.context import contexts
-from megalm.model.two_stream import dense_masks, factorisation_order, two_stream_attention
+from megalm.model.two_stream import (CPU_ORDER_MIN_SEQ, dense_masks, factorisation_order, two_stream_attention,
+                                     use_order)
 from megalm.objectives import build_objective
 from megalm.objectives.plm import order_ranks
 from megalm.parallel import state
@@ -45,22 +46,40 @@ def _run(model, labels, kwargs):
     return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+def _order(cfg: C.Config, **model) -> C.Config:
+    """The order path at any seq_length (``auto`` picks the dense masks for short sequences on CPU)."""
+    raw = cfg.to_dict()
+    raw["model"].update(two_stream_attention="order", **model)
+    return C.from_dict(raw)
+
+
 def _plm_cfg(variant: str, tp: int = 1, sp: bool = False, **train) -> C.Config:
     """tp_check's PLM model (rope, GQA 8/4) or a learned-position MHA one (tp_check's gpt2 shape)."""
     cfg = make_cfg("plm", tp, sp, **train)
     if variant == "learned_mha":
-        raw = cfg.to_dict()
-        raw["model"].update(position="learned", num_kv_heads=None, norm="layernorm", activation="gelu", bias=True)
-        cfg = C.from_dict(raw)
-    return cfg
+        return _order(cfg, position="learned", num_kv_heads=None, norm="layernorm", activation="gelu", bias=True)
+    return _order(cfg)
 
 
 def test_context_holds_the_order_not_masks():
     rank = _ranks(False)
-    m = make_cfg("plm").model
-    ctx, qctx = contexts(m, 3, S, torch.device("cpu"), torch.float32, {"order_rank": rank})
+    ctx, qctx = contexts(_plm_cfg("rope_gqa").model, 3, S, torch.device("cpu"), torch.float32, {"order_rank": rank})
     assert ctx.mask is None and qctx.mask is None and ctx.order is qctx.order is not None
     assert torch.equal(ctx.order.order, rank.argsort(-1)) and torch.equal(ctx.order.rank, rank)
+
+
+def test_auto_takes_the_measured_faster_path():
+    """auto: dense masks on CPU below CPU_ORDER_MIN_SEQ (measured faster there), the order path from it on and on
+    CUDA; "masks" forces the dense path (the same masks as the objective's two_stream_masks)."""
+    assert not use_order("auto", CPU_ORDER_MIN_SEQ - 1, torch.device("cpu"))
+    assert use_order("auto", CPU_ORDER_MIN_SEQ, torch.device("cpu"))
+    assert use_order("auto", 16, torch.device("cuda")) and not use_order("masks", 8192, torch.device("cuda"))
+    rank = _ranks(False)
+    m = make_cfg("plm").model
+    assert m.two_stream_attention == "auto"
+    ctx, qctx = contexts(m, 3, S, torch.device("cpu"), torch.float32, {"order_rank": rank})
+    content, query = dense_masks(rank)
+    assert ctx.order is None and torch.equal(ctx.mask, content) and torch.equal(qctx.row_ok, query.any(-1, True))
 
 
 def test_bad_order_ranks_are_refused():
@@ -115,8 +134,8 @@ def test_model_matches_dense_masks_logits_and_grads(variant, span, recompute):
 def test_attention_dropout_runs_and_is_seeded():
     """Dropout > 0 on the order path: finite, different from eval, the same for the same seed (its RNG
     stream draws in factorisation order, so it is not the dense path's mask)."""
-    cfg = C.from_dict({**make_cfg("plm").to_dict(), "model": {**make_cfg("plm").to_dict()["model"],
-                                                             "attention_dropout": 0.3}})
+    cfg = _plm_cfg("rope_gqa")
+    cfg = _order(cfg, attention_dropout=0.3)
     model = build_model(cfg, VOCAB)
     kw = _inputs(_ranks(False), dense=False)
     outs = []
@@ -132,7 +151,7 @@ def test_plm_training_by_order_matches_dense_mask_losses():
     from tests.objectives.test_plm import gpt_samples, plm_cfg
 
     tok = ToyTokenizer()
-    cfg = plm_cfg(plm_span_order=True, plm_k=2)
+    cfg = _order(plm_cfg(plm_span_order=True, plm_k=2))
     obj = build_objective(cfg, tok)
     assert "order_rank" in obj.inputs(obj.collate(gpt_samples(1, np.random.default_rng(0)), np.random.default_rng(0)))
     runs = []
@@ -159,7 +178,7 @@ def test_plm_training_by_order_matches_dense_mask_losses():
 def test_pipeline_layers_carry_the_order_ranks():
     """The order ranks travel in the pipeline's input tuple: stage-by-stage logits equal build_model's."""
     names = ("input_ids", "position_ids", "order_rank")
-    cfg = make_cfg("plm")
+    cfg = _plm_cfg("rope_gqa")
     kw = _inputs(_ranks(True, b=2), dense=False)
     ref = build_model(cfg, VOCAB)(**kw)
     layers, _ = build_sequential(pipeline_layers(cfg, VOCAB, names))
@@ -170,9 +189,9 @@ def test_pipeline_layers_carry_the_order_ranks():
 
 
 def test_plm_at_seq_8192_allocates_nothing_of_s_squared():
-    """The objective's batch through a 1-layer model, forward and backward: the largest single allocation is far
-    below an [s, s] bool (67 MB), and the layout every layer shares is a few int64 per token. The old path (two
-    dense [b, 1, s, s] masks from the collate) fails this."""
+    """The objective's batch through a 1-layer model (default config: auto), forward and backward: the largest
+    single allocation is far below an [s, s] bool (67 MB), and the layout every layer shares is a few int64 per
+    token. The old path (two dense [b, 1, s, s] masks from the collate; 256 MB inside SDPA) fails this."""
     from torch.profiler import profile
 
     from tests.objectives.test_plm import plm_cfg

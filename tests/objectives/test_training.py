@@ -70,6 +70,16 @@ def test_plm_layout_matches_reference(layout, plm_reference, tiny_data, tmp_path
 
 
 @pytest.mark.slow
+def test_plm_by_order_through_the_pipeline_matches_reference(plm_reference, tiny_data, tmp_path):
+    """The mask-free order path (forced: at this seq_length ``auto`` takes the dense masks on CPU) at TP2 x PP2
+    with SP: order_rank crosses stages in DeepSpeed's engine and the losses equal the dense-mask reference's."""
+    sets = SP_PP.split()
+    _, records, _ = run_pretrain(tiny_data, tmp_path, nproc=_nproc(sets),
+                                 overrides=PLM + LAYOUT + sets + ["model.two_stream_attention=order"])
+    assert_matches_reference(f"order {SP_PP}", records, plm_reference)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["parallel.tensor=2", "parallel.pipeline=2", SP_PP])
 def test_mlm_layout_matches_reference(layout, mlm_reference, bert_data, tmp_path):
     """PP=2: the tied word embedding + output bias cross stages (the bias's tied all-reduce must run on both)."""
