@@ -3,10 +3,11 @@
 ``factorisation_order`` turns [b, s] order ranks into a layout built once per
 forward and shared by every layer (O(b s) ints). ``two_stream_attention``
 gathers q, k, v into each sample's order, where the content stream (keys at or
-before the query in the order) is causal SDPA and the query stream (strictly
-before) is causal SDPA of queries 1..s-1 against keys 0..s-2 (the first token
-in the order sees nothing: zeros, as the dense masks give), then permutes both
-outputs back. ``dense_masks`` is the [s, s] form, the general fallback.
+before the query in the order) is causal attention (``causal_attention``: SDPA
+``is_causal``) and the query stream (strictly before) is the same of queries
+1..s-1 against keys 0..s-2 (the first token in the order sees nothing: zeros,
+as the dense masks give), then permutes both outputs back. ``dense_masks`` is
+the [s, s] form, the general fallback.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from megalm.model.causal_attention import causal_attention
 
 
 # Shortest sequence at which the order path beat the dense masks on this CPU (benchmarks/plm_streams.py, docs/model.md);
@@ -90,9 +93,8 @@ def two_stream_attention(qh: torch.Tensor, qg: torch.Tensor, k: torch.Tensor, v:
     k and v are gathered once for both streams: 4 gathers and 2 scatters of [b, h, s, d] per layer.
     """
     qh, qg, k, v = (_to_order(t, o) for t in (qh, qg, k, v))
-    content = F.scaled_dot_product_attention(qh, k, v, dropout_p=dropout_p, is_causal=True, enable_gqa=gqa)
+    content = causal_attention(qh, k, v, dropout_p, gqa)
     # Strictly causal = causal after shifting the keys by one: query t (t >= 1) sees keys 0..t-1.
-    query = F.scaled_dot_product_attention(qg[:, :, 1:], k[:, :, :-1], v[:, :, :-1], dropout_p=dropout_p,
-                                           is_causal=True, enable_gqa=gqa)
+    query = causal_attention(qg[:, :, 1:], k[:, :, :-1], v[:, :, :-1], dropout_p, gqa)
     query = F.pad(query, (0, 0, 1, 0))  # the first token of the order has no key: zeros
     return _to_positions(content, o), _to_positions(query, o)
