@@ -20,9 +20,10 @@ import torch.nn.functional as F
 from megalm.model.causal_attention import causal_attention
 
 
-# Shortest sequence at which the order path beat the dense masks on this CPU (benchmarks/plm_streams.py, docs/model.md);
-# below it the masks' extra work (no causal block skipping to gain) costs less than the order path's gathers.
-CPU_ORDER_MIN_SEQ = 1024
+# Shortest sequence from which the order path beat the dense masks in every run on this CPU (benchmarks/plm_streams.py,
+# docs/model.md: 0.98x at s = 256, 0.89-1.03x at 384 depending on load, 1.05x at 512, 1.01x at 768, 1.12x at 1024,
+# 1.31-1.33x at 2048); below it the order path's gathers cost more than causal attention saves.
+CPU_ORDER_MIN_SEQ = 512
 
 
 def use_order(mode: str, seq: int, device: torch.device) -> bool:

@@ -71,7 +71,7 @@ def test_plm_layout_matches_reference(layout, plm_reference, tiny_data, tmp_path
 
 @pytest.mark.slow
 def test_plm_by_order_through_the_pipeline_matches_reference(plm_reference, tiny_data, tmp_path):
-    """The mask-free order path (forced: at this seq_length ``auto`` takes the dense masks on CPU) at TP2 x PP2
+    """The mask-free order path (forced: at this seq_length, 32, ``auto`` takes the dense masks on CPU) at TP2 x PP2
     with SP: order_rank crosses stages in DeepSpeed's engine and the losses equal the dense-mask reference's."""
     sets = SP_PP.split()
     _, records, _ = run_pretrain(tiny_data, tmp_path, nproc=_nproc(sets),
