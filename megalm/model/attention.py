@@ -71,6 +71,8 @@ class Attention(nn.Module):
 
     def core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
         """Attention on this rank's heads -> [b, s, heads*d]."""
+        if ctx.order is not None:  # PLM's content stream alone (no query stream asked for), by factorisation order
+            return self.core_two_stream(q, None, k, v, ctx)[0]
         if self.recompute_core and self.training:
             return checkpoint(self._core, q, k, v, ctx)
         return self._core(q, k, v, ctx)

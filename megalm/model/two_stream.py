@@ -13,6 +13,7 @@ the [s, s] form, the general fallback.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -86,15 +87,19 @@ def _to_positions(x: torch.Tensor, o: FactorisationOrder) -> torch.Tensor:
     return _Permute.apply(x.transpose(1, 2), o.rows, o.rank, o.order).reshape(b, s, h * d)
 
 
-def two_stream_attention(qh: torch.Tensor, qg: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                         o: FactorisationOrder, dropout_p: float, gqa: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def two_stream_attention(qh: torch.Tensor, qg: Optional[torch.Tensor], k: torch.Tensor, v: torch.Tensor,
+                         o: FactorisationOrder, dropout_p: float, gqa: bool) -> tuple:
     """Content- and query-stream attention, [b, h, s, d] in -> two [b, s, h * d] out, in original positions.
 
     Content query i sees keys j with rank[j] <= rank[i], query-stream query i those with rank[j] < rank[i].
     k and v are gathered once for both streams: 4 gathers and 2 scatters of [b, h, s, d] per layer.
+    Without ``qg`` only the content stream runs: (content, None).
     """
-    qh, qg, k, v = (_to_order(t, o) for t in (qh, qg, k, v))
+    qh, k, v = (_to_order(t, o) for t in (qh, k, v))
     content = causal_attention(qh, k, v, dropout_p, gqa)
+    if qg is None:
+        return _to_positions(content, o), None
+    qg = _to_order(qg, o)
     # Strictly causal = causal after shifting the keys by one: query t (t >= 1) sees keys 0..t-1.
     query = causal_attention(qg[:, :, 1:], k[:, :, :-1], v[:, :, :-1], dropout_p, gqa)
     query = F.pad(query, (0, 0, 1, 0))  # the first token of the order has no key: zeros

@@ -131,6 +131,18 @@ def test_model_matches_dense_masks_logits_and_grads(variant, span, recompute):
         torch.testing.assert_close(grads[n], ref_grads[n], atol=1e-5, rtol=0, msg=n)
 
 
+def test_content_stream_alone_matches_dense_masks():
+    """two_stream=False (the content stream's logits, no query stream) by order equals the dense content mask."""
+    rank = _ranks(True)
+    labels = torch.randint(0, VOCAB, rank.shape, generator=torch.Generator().manual_seed(4))
+    model = build_model(_plm_cfg("rope_gqa", activation_checkpointing="selective"), VOCAB)
+    ref_logits, ref_grads = _run(model, labels, {**_inputs(rank, dense=True), "two_stream": False})
+    logits, grads = _run(model, labels, {**_inputs(rank, dense=False), "two_stream": False})
+    torch.testing.assert_close(logits[..., :VOCAB], ref_logits[..., :VOCAB], atol=1e-5, rtol=0)
+    for n in ref_grads:
+        torch.testing.assert_close(grads[n], ref_grads[n], atol=1e-5, rtol=0, msg=n)
+
+
 def test_attention_dropout_runs_and_is_seeded():
     """Dropout > 0 on the order path: finite, different from eval, the same for the same seed (its RNG
     stream draws in factorisation order, so it is not the dense path's mask)."""
