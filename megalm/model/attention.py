@@ -63,6 +63,16 @@ class Attention(nn.Module):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         return q, k, v
 
+    def project_query(self, x: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
+        """q alone as [b, heads, s, d], RoPE applied: PLM's query stream takes k and v from the content stream."""
+        q = self.qkv(x, rows=self.heads * self.head_dim)
+        b, s, _ = q.shape
+        q = q.view(b, s, self.heads, self.head_dim).transpose(1, 2)
+        if ctx.rope is not None:
+            cos, sin = ctx.rope
+            q = apply_rope(q, cos, sin)
+        return q
+
     def _local_heads(self, t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         if t is None or t.size(1) == 1:
             return t

@@ -76,7 +76,7 @@ class Block(nn.Module):
         hn = h if self.post else self.attn_norm(h)
         gn = g if self.post else self.attn_norm(g)
         qh, k, v = att.project(hn, ctx)
-        qg, _, _ = att.project(gn, query_ctx)
+        qg = att.project_query(gn, query_ctx)  # g's own keys and values would go unused
         if ctx.order is not None:  # PLM by factorisation order: no masks, k and v gathered once for both
             ah, ag = (att.out(o) for o in att.core_two_stream(qh, qg, k, v, ctx))
         else:

@@ -110,9 +110,13 @@ class ColumnParallelLinear(nn.Module):
         else:
             self.register_parameter("bias", None)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rows: Optional[int] = None) -> torch.Tensor:
+        """``rows``: only this rank's first ``rows`` output features (e.g. the q of a fused q, k, v)."""
         x = gather_from_sequence_region(x) if self.sequence_parallel else copy_to_tensor_region(x)
-        y = F.linear(x, self.weight, self.bias)
+        if rows is None:
+            y = F.linear(x, self.weight, self.bias)
+        else:
+            y = F.linear(x, self.weight[:rows], None if self.bias is None else self.bias[:rows])
         return gather_from_tensor_region(y) if self.gather_output else y
 
 

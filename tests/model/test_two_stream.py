@@ -143,6 +143,15 @@ def test_content_stream_alone_matches_dense_masks():
         torch.testing.assert_close(grads[n], ref_grads[n], atol=1e-5, rtol=0, msg=n)
 
 
+def test_query_stream_projects_only_its_queries():
+    """project_query (g's q without the k, v it never uses) equals project's q, RoPE included."""
+    model = build_model(_plm_cfg("rope_gqa"), VOCAB)
+    att = model.layers[0].attention
+    ctx, qctx = contexts(model.m, 2, S, torch.device("cpu"), torch.float32, {"order_rank": _ranks(False, b=2)})
+    x = torch.randn(2, S, model.m.hidden_size, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(att.project_query(x, qctx), att.project(x, qctx)[0], atol=1e-6, rtol=0)
+
+
 def test_attention_dropout_runs_and_is_seeded():
     """Dropout > 0 on the order path: finite, different from eval, the same for the same seed (its RNG
     stream draws in factorisation order, so it is not the dense path's mask)."""
