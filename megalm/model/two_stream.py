@@ -21,9 +21,9 @@ import torch.nn.functional as F
 from megalm.model.causal_attention import causal_attention
 
 
-# Shortest sequence from which the order path beat the dense masks in every run on this CPU (benchmarks/plm_streams.py,
-# docs/model.md: 0.98x at s = 256, 0.89-1.03x at 384 depending on load, 1.05x at 512, 1.01x at 768, 1.12x at 1024,
-# 1.31-1.33x at 2048); below it the order path's gathers cost more than causal attention saves.
+# Shortest sequence from which the order path was at parity or faster than the dense masks on this CPU
+# (benchmarks/plm_streams.py, docs/model.md: 0.98x at s = 256, 0.89-1.03x at 128 and 384 depending on load, 0.995-1.05x
+# at 512, 1.01x at 768, 1.12x at 1024, 1.31-1.35x at 2048); below it the gathers cost more than causal attention saves.
 CPU_ORDER_MIN_SEQ = 512
 
 
