@@ -24,17 +24,12 @@ from typing import Callable
 
 import torch
 
+from model_shape import add_shape_args  # benchmarks/model_shape.py (this script's folder is on sys.path)
+
 
 def parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--hidden", type=int, default=512)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--kv-heads", type=int, default=None)
-    p.add_argument("--ffn", type=int, default=1344)
-    p.add_argument("--vocab", type=int, default=8192)
-    p.add_argument("--seq", type=int, default=512)
-    p.add_argument("--batch", type=int, default=8)
+    add_shape_args(p)
     p.add_argument("--pos", choices=("rope", "learned", "sinusoidal"), default="rope")
     p.add_argument("--norm", choices=("rmsnorm", "layernorm"), default="rmsnorm")
     p.add_argument("--act", choices=("swiglu", "gelu"), default="swiglu")
