@@ -51,27 +51,22 @@ class Attention(nn.Module):
 
     def project(self, x: torch.Tensor, ctx: AttnContext) -> tuple:
         """q, k, v as [b, heads, s, d], RoPE applied."""
-        qkv = self.qkv(x)
-        b, s, _ = qkv.shape
         d = self.head_dim
-        q, k, v = qkv.split([self.heads * d, self.kv_heads * d, self.kv_heads * d], dim=-1)
-        q = q.view(b, s, self.heads, d).transpose(1, 2)
-        k = k.view(b, s, self.kv_heads, d).transpose(1, 2)
-        v = v.view(b, s, self.kv_heads, d).transpose(1, 2)
-        if ctx.rope is not None:
-            cos, sin = ctx.rope
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        return q, k, v
+        q, k, v = self.qkv(x).split([self.heads * d, self.kv_heads * d, self.kv_heads * d], dim=-1)
+        return (self._heads(q, self.heads, ctx), self._heads(k, self.kv_heads, ctx),
+                self._heads(v, self.kv_heads, ctx, rotate=False))
 
     def project_query(self, x: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
         """q alone as [b, heads, s, d], RoPE applied: PLM's query stream takes k and v from the content stream."""
-        q = self.qkv(x, rows=self.heads * self.head_dim)
-        b, s, _ = q.shape
-        q = q.view(b, s, self.heads, self.head_dim).transpose(1, 2)
-        if ctx.rope is not None:
-            cos, sin = ctx.rope
-            q = apply_rope(q, cos, sin)
-        return q
+        return self._heads(self.qkv(x, rows=self.heads * self.head_dim), self.heads, ctx)
+
+    def _heads(self, t: torch.Tensor, heads: int, ctx: AttnContext, rotate: bool = True) -> torch.Tensor:
+        """[b, s, heads*d] -> [b, heads, s, d], RoPE applied when ``rotate`` and the context has it."""
+        b, s, _ = t.shape
+        t = t.view(b, s, heads, self.head_dim).transpose(1, 2)
+        if rotate and ctx.rope is not None:
+            t = apply_rope(t, *ctx.rope)
+        return t
 
     def _local_heads(self, t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         if t is None or t.size(1) == 1:
